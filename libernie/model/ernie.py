@@ -1,0 +1,184 @@
+"""ERNIE 4.5 dense decoder in Paddle, read top to bottom:
+RMSNorm -> RoPE -> Attention -> MLP -> DecoderLayer -> ErnieModel -> ErnieForCausalLM.
+
+Parameter names and shapes are the Paddle checkpoint layout (prefix `ernie.`, Linear [in, out],
+fused qkv_proj and up_gate_proj), so a Paddle checkpoint loads without renaming and an HF one
+goes through libernie.checkpoint's name table. Shapes: b batch, s new tokens, t cached + new
+tokens, h hidden, nh/nkv query/kv heads, hd head_dim, V vocab.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import paddle
+import paddle.nn as nn
+
+from libernie.config import ErnieConfig
+from libernie.kernels import apply_rope, attention, build_attention_mask, rms_norm, rope_cos_sin, swiglu
+from libernie.model.cache import KVCache
+from libernie.model.loss import causal_lm_loss
+
+
+def _linear(cfg: ErnieConfig, n_in: int, n_out: int) -> nn.Linear:
+    init = nn.initializer.Normal(std=cfg.initializer_range)
+    bias = paddle.ParamAttr(initializer=nn.initializer.Constant(0.0)) if cfg.use_bias else False
+    return nn.Linear(n_in, n_out, weight_attr=paddle.ParamAttr(initializer=init), bias_attr=bias)  # W [in, out]
+
+
+class RMSNorm(nn.Layer):
+    def __init__(self, hidden: int, eps: float):
+        super().__init__()
+        self.weight = self.create_parameter([hidden], default_initializer=nn.initializer.Constant(1.0))
+        self.eps = eps
+
+    def forward(self, x):                                   # [..., h] -> [..., h]
+        return rms_norm(x, self.weight, self.eps)
+
+
+class Attention(nn.Layer):
+    def __init__(self, cfg: ErnieConfig, layer_idx: int):
+        super().__init__()
+        self.cfg, self.layer_idx = cfg, layer_idx
+        self.qkv_proj = _linear(cfg, cfg.hidden_size, cfg.q_size + 2 * cfg.kv_size)  # [Q | K | V]
+        self.o_proj = _linear(cfg, cfg.q_size, cfg.hidden_size)
+
+    def forward(self, x, cos, sin, mask, doc_ids=None, cache: KVCache | None = None):
+        cfg = self.cfg
+        b, s, _ = x.shape
+        qkv = self.qkv_proj(x)                                               # [b, s, q + 2kv]
+        q, k, v = paddle.split(qkv, [cfg.q_size, cfg.kv_size, cfg.kv_size], axis=-1)
+        q = q.reshape([b, s, cfg.num_attention_heads, cfg.head_dim])         # [b, s, nh, hd]
+        k = k.reshape([b, s, cfg.num_key_value_heads, cfg.head_dim])         # [b, s, nkv, hd]
+        v = v.reshape([b, s, cfg.num_key_value_heads, cfg.head_dim])         # [b, s, nkv, hd]
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v)                        # [b, t, nkv, hd]
+        out = attention(q, k, v, mask, doc_ids=doc_ids)                      # [b, s, nh, hd]
+        return self.o_proj(out.reshape([b, s, cfg.q_size]))                  # [b, s, h]
+
+
+class MLP(nn.Layer):
+    """SwiGLU. Swappable: the MoE block (roadmap) replaces this module and nothing else."""
+
+    def __init__(self, cfg: ErnieConfig):
+        super().__init__()
+        self.up_gate_proj = _linear(cfg, cfg.hidden_size, 2 * cfg.intermediate_size)  # [gate | up]
+        self.down_proj = _linear(cfg, cfg.intermediate_size, cfg.hidden_size)
+
+    def forward(self, x):                                                    # [b, s, h]
+        return self.down_proj(swiglu(self.up_gate_proj(x)))                 # [b, s, 2i] -> [b, s, h]
+
+
+class DecoderLayer(nn.Layer):
+    def __init__(self, cfg: ErnieConfig, layer_idx: int):
+        super().__init__()
+        self.self_attn = Attention(cfg, layer_idx)
+        self.mlp = MLP(cfg)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, x, cos, sin, mask, doc_ids=None, cache=None):        # pre-norm residual block
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, doc_ids, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+def default_position_ids(b: int, s: int, *, doc_ids=None, key_padding=None, past: int = 0) -> paddle.Tensor:
+    """Positions [b, s]: restart at 0 at each document start (doc_ids), skip left padding
+    (key_padding [b, t]), or continue after `past` cached tokens."""
+    if doc_ids is not None:
+        pos = paddle.arange(s, dtype="int64").unsqueeze(0).expand([b, s])
+        starts = paddle.concat([paddle.ones([b, 1], dtype="bool"), doc_ids[:, 1:] != doc_ids[:, :-1]], axis=1)
+        first = paddle.cummax(paddle.where(starts, pos, paddle.zeros_like(pos)), axis=1)[0]
+        return pos - first
+    if key_padding is not None:
+        pos = paddle.cumsum(key_padding.astype("int64"), axis=1) - 1          # [b, t]
+        return paddle.clip(pos[:, -s:], min=0)
+    return (paddle.arange(s, dtype="int64") + past).unsqueeze(0).expand([b, s])
+
+
+class ErnieModel(nn.Layer):
+    def __init__(self, cfg: ErnieConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, weight_attr=paddle.ParamAttr(
+            initializer=nn.initializer.Normal(std=cfg.initializer_range)))
+        self.layers = nn.LayerList([DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers)])
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, input_ids, position_ids=None, doc_ids=None, attention_mask=None, cache=None):
+        """input_ids [b, s] -> final hidden states [b, s, h].
+
+        doc_ids [b, s]: packed documents; attention stays inside each, positions restart.
+        attention_mask [b, t]: 1 on real tokens, 0 on (left) padding, over cached + new tokens.
+        cache: a KVCache to read and extend (incremental decoding).
+        """
+        b, s = input_ids.shape
+        past = cache.seq_len if cache is not None else 0
+        if position_ids is None:
+            position_ids = default_position_ids(b, s, doc_ids=doc_ids, key_padding=attention_mask, past=past)
+        cos, sin = rope_cos_sin(position_ids, self.cfg.head_dim, self.cfg.rope_theta,
+                                self.cfg.compression_ratio)                 # [b, s, 1, hd/2] each
+        mask = build_attention_mask(s, past + s, doc_ids=doc_ids, key_padding=attention_mask)
+        x = self.embed_tokens(input_ids)                                     # [b, s, h]
+        for layer in self.layers:
+            x = layer(x, cos, sin, mask, doc_ids, cache)
+        return self.norm(x)
+
+
+@dataclass
+class CausalLMOutput:
+    logits: paddle.Tensor                  # [b, s, V] (or [b, k, V] with logits_to_keep=k)
+    loss: paddle.Tensor | None = None
+    cache: KVCache | None = None
+
+
+class ErnieForCausalLM(nn.Layer):
+    def __init__(self, cfg: ErnieConfig):
+        super().__init__()
+        self.config = cfg
+        self.ernie = ErnieModel(cfg)
+        if not cfg.tie_word_embeddings:    # Paddle layout stores an untied head as [h, V]
+            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias_attr=False, weight_attr=paddle.ParamAttr(
+                initializer=nn.initializer.Normal(std=cfg.initializer_range)))
+
+    def forward(self, input_ids, labels=None, loss_mask=None, position_ids=None, doc_ids=None,
+                attention_mask=None, cache: KVCache | None = None, logits_to_keep: int = 0) -> CausalLMOutput:
+        """input_ids [b, s] -> CausalLMOutput(logits [b, s, V], loss if labels given, cache).
+
+        labels [b, s] are aligned with input_ids (shifted inside); loss_mask [b, s] selects targets.
+        logits_to_keep=k computes logits for the last k positions only (decoding).
+        """
+        h = self.ernie(input_ids, position_ids, doc_ids, attention_mask, cache)  # [b, s, h]
+        if logits_to_keep:
+            h = h[:, -logits_to_keep:]
+        logits = self.logits(h)
+        loss = None
+        if labels is not None:
+            loss = causal_lm_loss(logits, labels, loss_mask=loss_mask, doc_ids=doc_ids)
+        return CausalLMOutput(logits=logits, loss=loss, cache=cache)
+
+    def logits(self, h):                                                     # [b, s, h] -> [b, s, V]
+        if self.config.tie_word_embeddings:
+            return paddle.matmul(h, self.ernie.embed_tokens.weight, transpose_y=True)
+        return self.lm_head(h)
+
+    def new_cache(self) -> KVCache:
+        return KVCache(self.config.num_hidden_layers)
+
+    # ---- checkpoints: one loading path for every tool (libernie.checkpoint) -------------------
+    @classmethod
+    def from_pretrained(cls, path, dtype: str | None = None) -> "ErnieForCausalLM":
+        """Load a checkpoint directory in either layout. dtype None: fp32 on CPU, the checkpoint's on GPU."""
+        from libernie.checkpoint import load_model
+        return load_model(cls, path, dtype=dtype)
+
+    def save_pretrained(self, out_dir, layout: str = "hf", max_shard_size: str | int = "5GB",
+                        dtype: str | None = None) -> None:
+        """Write sharded safetensors + index + config.json in `layout` ("hf" or "paddle"), atomically."""
+        from libernie.checkpoint import save_model
+        save_model(self, out_dir, layout=layout, max_shard_size=max_shard_size, dtype=dtype)
+
+    def generate(self, prompts, **kwargs):
+        """See libernie.generate.generate."""
+        from libernie.generate import generate
+        return generate(self, prompts, **kwargs)

@@ -1,0 +1,36 @@
+"""Causal-LM loss: next-token cross entropy with an ignore index, a loss mask, and document boundaries."""
+import paddle
+import paddle.nn.functional as F
+
+IGNORE_INDEX = -100
+
+
+def causal_lm_loss(logits: paddle.Tensor, labels: paddle.Tensor, loss_mask: paddle.Tensor | None = None,
+                   doc_ids: paddle.Tensor | None = None, ignore_index: int = IGNORE_INDEX,
+                   reduction: str = "mean"):
+    """Cross entropy of logits[:, t] against labels[:, t+1].
+
+    logits [b, s, V]; labels [b, s], aligned with input_ids (we shift here, as transformers does).
+    loss_mask [b, s]: 1 where labels[:, t] is a target to learn (0 on prompts, padding).
+    doc_ids [b, s]: no target across a document boundary (the next document's first token
+    cannot be predicted from the previous document).
+    reduction: "mean" over counted targets, "sum", or "none" -> (sum, count).
+    """
+    v = logits.shape[-1]
+    target = labels[:, 1:]                                               # [b, s-1]
+    valid = target != ignore_index
+    if loss_mask is not None:
+        valid = valid & loss_mask[:, 1:].astype("bool")
+    if doc_ids is not None:
+        valid = valid & (doc_ids[:, 1:] == doc_ids[:, :-1])
+    safe_target = paddle.where(valid, target, paddle.zeros_like(target)).astype("int64")
+    ce = F.cross_entropy(logits[:, :-1].reshape([-1, v]).astype("float32"), safe_target.reshape([-1, 1]),
+                         reduction="none").reshape(target.shape)         # [b, s-1]
+    validf = valid.astype("float32")
+    total = (ce * validf).sum()
+    count = validf.sum()
+    if reduction == "sum":
+        return total
+    if reduction == "none":
+        return total, count
+    return total / paddle.clip(count, min=1.0)

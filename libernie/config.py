@@ -113,6 +113,11 @@ class ErnieConfig:
         extra.pop("_rope_theta_top_level", None)
         if self.compression_ratio == 1.0 and "compression_ratio" not in self.source_keys:
             del out["compression_ratio"]  # Paddle-only key; transformers has no use for it
+        if self.source_keys:  # loaded from a file: add no key it lacked unless its value changed
+            defaults = ErnieConfig.__dataclass_fields__
+            for k in [k for k in out if k not in self.source_keys and k in defaults]:
+                if out[k] == defaults[k].default and k != "rope_theta":
+                    del out[k]
         out.update(extra)
         out.setdefault("model_type", "ernie4_5")
         if layout is not None:

@@ -14,8 +14,8 @@ def generate(model, prompts, max_new_tokens: int = 32, temperature: float = 0.0,
     """Continue each prompt. Returns the new token ids per prompt (eos/stop token included if hit).
 
     prompts: a list of token-id lists (any lengths; left-padded here) or one list.
-    temperature 0 is greedy. With a seed, prompt i draws from np.random.default_rng([seed, i]),
-    so its output does not depend on the other prompts in the batch.
+    temperature 0 is greedy. seed: an int (prompt i draws from np.random.default_rng([seed, i])) or a
+    list with one seed per prompt; either way a prompt's output does not depend on its batch mates.
     """
     if prompts and isinstance(prompts[0], int):
         prompts = [prompts]
@@ -31,7 +31,8 @@ def generate(model, prompts, max_new_tokens: int = 32, temperature: float = 0.0,
     pad = np.zeros((b, width), dtype=np.int64)
     for i, p in enumerate(prompts):                           # left padding: the last column is the newest token
         ids[i, width - len(p):], pad[i, width - len(p):] = p, 1
-    rngs = [np.random.default_rng(None if seed is None else [seed, i]) for i in range(b)]
+    seeds = seed if isinstance(seed, (list, tuple)) else [None if seed is None else [seed, i] for i in range(b)]
+    rngs = [np.random.default_rng(s) for s in seeds]
     outs: list[list[int]] = [[] for _ in range(b)]
     active = list(range(b))                                   # rows still generating, in cache order
     cache = model.new_cache()

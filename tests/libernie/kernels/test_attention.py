@@ -1,0 +1,64 @@
+"""Every attention path that runs on CPU agrees with the reference, and the reference with numpy."""
+import numpy as np
+import paddle
+import pytest
+
+from libernie.kernels import attention, attention_backend, build_attention_mask
+from libernie.kernels.attention import attention_reference
+
+
+def _numpy_attention(q, k, v, allowed):
+    g = q.shape[2] // k.shape[2]
+    k, v = np.repeat(k, g, axis=2), np.repeat(v, g, axis=2)           # [b, t, nh, hd]
+    s = np.einsum("bshd,bthd->bhst", q, k) / np.sqrt(q.shape[-1])
+    s = np.where(allowed[:, None], s, -np.inf)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    return np.einsum("bhst,bthd->bshd", p, v)
+
+
+@pytest.mark.parametrize("nh,nkv", [(4, 4), (4, 2), (8, 1)])
+@pytest.mark.parametrize("kind", ["causal", "docs", "padding"])
+def test_sdpa_and_reference_agree_with_numpy(nh, nkv, kind):
+    rng = np.random.default_rng(nh * 10 + nkv)
+    b, s, hd = 2, 9, 8
+    q = rng.normal(size=(b, s, nh, hd)).astype(np.float32)
+    k, v = (rng.normal(size=(b, s, nkv, hd)).astype(np.float32) for _ in range(2))
+    causal = np.tril(np.ones((s, s), bool))[None].repeat(b, 0)
+    doc = np.array([[0, 0, 0, 1, 1, 2, 2, 2, 2], [5, 5, 5, 5, 5, 5, 5, 6, 6]])
+    pad = np.array([[0, 0, 0, 1, 1, 1, 1, 1, 1], [1] * 9])
+    if kind == "causal":
+        mask, allowed = None, causal
+    elif kind == "docs":
+        mask = build_attention_mask(s, s, doc_ids=paddle.to_tensor(doc))
+        allowed = causal & (doc[:, :, None] == doc[:, None, :])
+    else:
+        mask = build_attention_mask(s, s, key_padding=paddle.to_tensor(pad))
+        allowed = causal & pad[:, None, :].astype(bool) | np.eye(s, dtype=bool)[None]
+    expect = _numpy_attention(q, k, v, allowed)
+    rows = slice(None) if kind != "padding" else slice(3, None)          # padding queries are don't-care
+    for backend in ("reference", "sdpa"):
+        out = attention(*(paddle.to_tensor(a) for a in (q, k, v)), mask, backend=backend).numpy()
+        assert np.isfinite(out).all(), backend
+        np.testing.assert_allclose(out[:, rows], expect[:, rows], atol=2e-6, err_msg=backend)
+
+
+def test_mask_with_cache_offset_lets_new_queries_see_the_past():
+    m = build_attention_mask(2, 5, key_padding=paddle.to_tensor([[0, 1, 1, 1, 1]])).numpy()[0, 0]
+    np.testing.assert_array_equal(m, [[False, True, True, True, False], [False, True, True, True, True]])
+
+
+def test_dispatch_picks_sdpa_on_cpu_and_honours_override(monkeypatch):
+    q = paddle.zeros([1, 2, 2, 4])
+    assert attention_backend(q, None) == "sdpa"
+    monkeypatch.setenv("ERNIE_ATTENTION", "reference")
+    assert attention_backend(q, None) == "reference"
+    monkeypatch.setenv("ERNIE_ATTENTION", "bogus")
+    with pytest.raises(ValueError, match="ERNIE_ATTENTION"):
+        attention_backend(q, None)
+
+
+def test_reference_handles_causal_without_mask():
+    q = paddle.randn([1, 4, 2, 4])
+    np.testing.assert_allclose(attention_reference(q, q, q).numpy(), attention(q, q, q, backend="sdpa").numpy(),
+                               atol=1e-6)

@@ -1,9 +1,13 @@
-"""Attention: one dispatch point over flash attention (GPU), Paddle's SDPA, and a plain reference.
+"""Attention: one dispatch point over flash attention (GPU), a blocked CPU kernel, Paddle's SDPA and
+a plain reference.
 
 Shapes: q [b, s, nh, hd]; k, v [b, t, nkv, hd] with nh a multiple of nkv (GQA); out [b, s, nh, hd].
-A mask is either None (plain causal, s == t) or a bool [b, 1, s, t] where True means "may attend".
-Masks are built once per forward by `build_attention_mask`, never per layer.
+Queries are the last s of the t key positions (t > s when a KV cache holds the past).
+The mask is an AttentionMask built once per forward and shared by every layer; each backend asks
+it for the form it uses (bool, additive bias, document ids) and that form is built once.
 """
+from __future__ import annotations
+
 import os
 
 import paddle
@@ -11,19 +15,36 @@ import paddle.nn.functional as F
 
 from libernie.kernels.dispatch import on_gpu
 
-BACKENDS = ("flash", "sdpa", "reference")
+BACKENDS = ("flash", "blocked", "sdpa", "reference")
+BLOCK = 64  # query rows per block in the CPU kernel: small enough for the scores to stay in cache
 
 
-def build_attention_mask(q_len: int, k_len: int, *, doc_ids: paddle.Tensor | None = None,
-                         key_padding: paddle.Tensor | None = None) -> paddle.Tensor | None:
-    """Causal mask, restricted to each document and to non-padding keys. None means plain causal.
+class AttentionMask:
+    """Causal attention, optionally restricted to each document (doc_ids [b, s]) and to real keys
+    (key_padding [b, t]: 1 real, 0 left padding). `allowed` is None for plain causal with no cache."""
 
-    q_len: new tokens; k_len: cached + new tokens (queries are the last q_len positions).
-    doc_ids: [b, s] int, the document each token belongs to (s == q_len == k_len; no cache).
-    key_padding: [b, t] with 1/True on real tokens, 0/False on padding (left-padded batches).
-    """
-    if doc_ids is None and key_padding is None and q_len == k_len:
-        return None
+    def __init__(self, q_len: int, k_len: int, doc_ids=None, key_padding=None):
+        self.q_len, self.k_len, self.doc_ids = q_len, k_len, doc_ids
+        self.plain_causal = doc_ids is None and key_padding is None and q_len == k_len
+        self._bool = None if self.plain_causal else _allowed(q_len, k_len, doc_ids, key_padding)
+        self._bias = None
+
+    def allowed(self) -> paddle.Tensor:
+        """bool [b|1, 1, s, t], True where query i may attend to key j."""
+        if self._bool is None:
+            self._bool = _allowed(self.q_len, self.k_len, None, None)
+        return self._bool
+
+    def bias(self) -> paddle.Tensor:
+        """float32 [b|1, 1, s, t]: 0 where allowed, -inf elsewhere (added to the scores)."""
+        if self._bias is None:
+            allowed = self.allowed()
+            self._bias = paddle.where(allowed, paddle.zeros(allowed.shape, "float32"),
+                                      paddle.full(allowed.shape, float("-inf"), "float32"))
+        return self._bias
+
+
+def _allowed(q_len, k_len, doc_ids, key_padding):
     offset = k_len - q_len
     rows = paddle.arange(q_len, dtype="int64").unsqueeze(1) + offset      # [s, 1]
     cols = paddle.arange(k_len, dtype="int64").unsqueeze(0)               # [1, t]
@@ -31,56 +52,111 @@ def build_attention_mask(q_len: int, k_len: int, *, doc_ids: paddle.Tensor | Non
     if doc_ids is not None:
         if q_len != k_len:
             raise ValueError("doc_ids can only be combined with a full forward, not a KV cache")
-        same_doc = doc_ids.unsqueeze(2) == doc_ids.unsqueeze(1)           # [b, s, t]
-        mask = mask & same_doc.unsqueeze(1)                               # [b, 1, s, t]
+        mask = mask & (doc_ids.unsqueeze(2) == doc_ids.unsqueeze(1)).unsqueeze(1)   # [b, 1, s, t]
     if key_padding is not None:
-        mask = mask & key_padding.astype("bool").unsqueeze(1).unsqueeze(1)  # [b, 1, 1, t]
+        mask = mask & key_padding.astype("bool").unsqueeze(1).unsqueeze(1)          # [b, 1, 1, t]
         # A padding query would attend to nothing and softmax would give NaN, which then leaks
         # through 0 * NaN into real rows in the next layer. Let every query see itself.
         mask = mask | (cols == rows).unsqueeze(0).unsqueeze(0)
     return mask
 
 
-def attention_backend(q: paddle.Tensor, mask: paddle.Tensor | None, doc_ids=None) -> str:
-    """The dispatch point. ERNIE_ATTENTION=flash|sdpa|reference overrides the automatic choice."""
+def build_attention_mask(q_len: int, k_len: int, *, doc_ids=None, key_padding=None) -> AttentionMask:
+    return AttentionMask(q_len, k_len, doc_ids, key_padding)
+
+
+def attention_backend(q: paddle.Tensor, mask: AttentionMask | None = None) -> str:
+    """The dispatch point. ERNIE_ATTENTION=flash|blocked|sdpa|reference overrides the automatic choice."""
     forced = os.environ.get("ERNIE_ATTENTION")
     if forced:
         if forced not in BACKENDS:
             raise ValueError(f"ERNIE_ATTENTION={forced!r}; choose one of {', '.join(BACKENDS)}")
         return forced
-    if on_gpu(q) and q.dtype in (paddle.float16, paddle.bfloat16) and (mask is None or doc_ids is not None):
-        return "flash"
-    return "sdpa"
+    if on_gpu(q):
+        half = q.dtype in (paddle.float16, paddle.bfloat16)
+        flashable = mask is None or mask.plain_causal or (mask.doc_ids is not None and mask.q_len == mask.k_len
+                                                          and not _has_padding(mask))
+        return "flash" if half and flashable else "sdpa"
+    return "blocked"
 
 
-def attention(q, k, v, mask=None, *, doc_ids=None, backend: str | None = None) -> paddle.Tensor:
-    """Scaled dot-product attention with scale 1/sqrt(hd). See the module docstring for shapes."""
-    backend = backend or attention_backend(q, mask, doc_ids)
+def _has_padding(mask):
+    return mask._bool is not None and mask.doc_ids is None
+
+
+def attention(q, k, v, mask: AttentionMask | None = None, *, backend: str | None = None) -> paddle.Tensor:
+    """Scaled dot-product attention, scale 1/sqrt(hd). See the module docstring for shapes."""
+    mask = mask if mask is not None else AttentionMask(q.shape[1], k.shape[1])
+    backend = backend or attention_backend(q, mask)
     if backend == "flash":
-        return _flash(q, k, v, mask, doc_ids)
+        return _flash(q, k, v, mask)
+    if backend == "blocked":
+        return attention_blocked(q, k, v, mask)
     if backend == "sdpa":
         return _sdpa(q, k, v, mask)
     return attention_reference(q, k, v, mask)
 
 
-def attention_reference(q, k, v, mask=None):
-    """Plain matmul-softmax-matmul with fp32 softmax. GQA without copying k/v per query head."""
+def attention_reference(q, k, v, mask: AttentionMask | None = None):
+    """The slow twin every other path is tested against: one matmul-softmax-matmul, fp32 softmax."""
     b, s, nh, hd = q.shape
     t, nkv = k.shape[1], k.shape[2]
+    mask = mask if mask is not None else AttentionMask(s, t)
     g = nh // nkv
     qg = q.reshape([b, s, nkv, g, hd]).transpose([0, 2, 3, 1, 4])         # [b, nkv, g, s, hd]
     kg = k.transpose([0, 2, 1, 3]).unsqueeze(2)                           # [b, nkv, 1, t, hd]
     vg = v.transpose([0, 2, 1, 3]).unsqueeze(2)                           # [b, nkv, 1, t, hd]
     scores = paddle.matmul(qg, kg, transpose_y=True).astype("float32") * (hd ** -0.5)  # [b, nkv, g, s, t]
-    if mask is None:
-        mask = build_attention_mask(s, t, key_padding=paddle.ones([b, t], dtype="bool"))
-    neg = paddle.full([], float("-inf"), dtype="float32")
-    scores = paddle.where(mask.unsqueeze(2), scores, neg)                  # mask [b, 1, 1, s, t]
-    # A query row that may attend nowhere (left padding) would give NaN; give it zeros instead.
-    probs = F.softmax(scores, axis=-1)
-    probs = paddle.where(paddle.isnan(probs), paddle.zeros_like(probs), probs).astype(q.dtype)
+    scores = paddle.where(mask.allowed().unsqueeze(2), scores, paddle.full([], float("-inf"), "float32"))
+    probs = F.softmax(scores, axis=-1).astype(q.dtype)
     out = paddle.matmul(probs, vg)                                         # [b, nkv, g, s, hd]
     return out.transpose([0, 3, 1, 2, 4]).reshape([b, s, nh, hd])
+
+
+def attention_blocked(q, k, v, mask: AttentionMask, block: int = BLOCK):
+    """CPU kernel: query blocks of `block` rows. Each block scores only the keys it can reach under
+    the causal mask (halving the work), and its [.., block, t] scores stay in cache for the softmax.
+    Paddle's CPU elementwise ops on a full [b, nh, s, t] score tensor cost more than the matmuls."""
+    b, s, nh, hd = q.shape
+    t, nkv = k.shape[1], k.shape[2]
+    g = nh // nkv
+    offset = t - s
+    q5 = (q * (hd ** -0.5)).reshape([b, s, nkv, g, hd]).transpose([0, 2, 3, 1, 4])   # [b, nkv, g, s, hd]
+    kt = k.transpose([0, 2, 1, 3])                                        # [b, nkv, t, hd]
+    vt = v.transpose([0, 2, 1, 3])                                        # [b, nkv, t, hd]
+    bias = None if mask.plain_causal else mask.bias().unsqueeze(2)        # [b|1, 1, 1, s, t]
+    outs = []
+    for i in range(0, s, block):
+        e = min(s, i + block)
+        n_keys = offset + e                                               # keys these rows may reach
+        c = e - i
+        qb = q5[:, :, :, i:e].reshape([b, nkv, g * c, hd])                # [b, nkv, g*c, hd]
+        sc = paddle.matmul(qb, kt[:, :, :n_keys], transpose_y=True).astype("float32")
+        sc = sc.reshape([b, nkv, g, c, n_keys])                           # [b, nkv, g, c, keys]
+        if bias is not None:
+            sc = sc + bias[:, :, :, i:e, :n_keys]
+        elif c > 1:                                                       # plain causal: only the last c keys
+            sc = sc + _causal_tail(c, n_keys)
+        p = F.softmax(sc, axis=-1).astype(q.dtype).reshape([b, nkv, g * c, n_keys])
+        outs.append(paddle.matmul(p, vt[:, :, :n_keys]).reshape([b, nkv, g, c, hd]))
+    out = paddle.concat(outs, axis=3) if len(outs) > 1 else outs[0]       # [b, nkv, g, s, hd]
+    return out.transpose([0, 3, 1, 2, 4]).reshape([b, s, nh, hd])
+
+
+_TAILS: dict = {}
+
+
+def _causal_tail(c: int, n_keys: int) -> paddle.Tensor:
+    """[c, n_keys] bias: -inf above the diagonal that ends at the last key, 0 elsewhere (cached)."""
+    key = (c, n_keys)
+    if key not in _TAILS:
+        rows = paddle.arange(c, dtype="int64").unsqueeze(1) + (n_keys - c)
+        cols = paddle.arange(n_keys, dtype="int64").unsqueeze(0)
+        _TAILS[key] = paddle.where(cols <= rows, paddle.zeros([c, n_keys], "float32"),
+                                   paddle.full([c, n_keys], float("-inf"), "float32"))
+        if len(_TAILS) > 256:
+            _TAILS.pop(next(iter(_TAILS)))
+    return _TAILS[key]
 
 
 def _repeat_kv(x, g):  # [b, t, nkv, hd] -> [b, t, nkv*g, hd]
@@ -90,25 +166,24 @@ def _repeat_kv(x, g):  # [b, t, nkv, hd] -> [b, t, nkv*g, hd]
     return x.unsqueeze(3).expand([b, t, nkv, g, hd]).reshape([b, t, nkv * g, hd])
 
 
-def _sdpa(q, k, v, mask):
+def _sdpa(q, k, v, mask: AttentionMask):
     g = q.shape[2] // k.shape[2]
     k, v = _repeat_kv(k, g), _repeat_kv(v, g)
-    if mask is None:
+    if mask.plain_causal:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, training=False)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, training=False)
-    return out
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.allowed(), training=False)
 
 
-def _flash(q, k, v, mask, doc_ids):  # GPU only; not run in CI (no GPU on these machines)
+def _flash(q, k, v, mask: AttentionMask):  # GPU only; not run in CI (no GPU on these machines)
     from paddle.nn.functional.flash_attention import flash_attention, flashmask_attention
-    if doc_ids is None:
+    if mask.doc_ids is None:
         out, _ = flash_attention(q, k, v, causal=True)
         return out
     # FlashMask: for key column j, rows at or past the end of j's document may not see it.
-    s = doc_ids.shape[1]
-    pos = paddle.arange(s, dtype="int32").unsqueeze(0).expand_as(doc_ids.astype("int32"))
-    new_doc = paddle.concat([doc_ids[:, 1:] != doc_ids[:, :-1],
-                             paddle.ones([doc_ids.shape[0], 1], dtype="bool")], axis=1)
-    ends = paddle.where(new_doc, pos + 1, paddle.full_like(pos, s))
-    ends = paddle.flip(paddle.cummin(paddle.flip(ends, [1]), axis=1)[0], [1])  # end of each token's doc
+    doc = mask.doc_ids
+    b, s = doc.shape
+    pos = paddle.arange(s, dtype="int32").unsqueeze(0).expand([b, s])
+    last = paddle.concat([doc[:, 1:] != doc[:, :-1], paddle.ones([b, 1], dtype="bool")], axis=1)
+    ends = paddle.where(last, pos + 1, paddle.full_like(pos, s))
+    ends = paddle.flip(paddle.cummin(paddle.flip(ends, [1]), axis=1)[0], [1])   # end of each token's doc
     return flashmask_attention(q, k, v, startend_row_indices=ends.unsqueeze(1).unsqueeze(-1), causal=True)

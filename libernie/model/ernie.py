@@ -42,7 +42,7 @@ class Attention(nn.Layer):
         self.qkv_proj = _linear(cfg, cfg.hidden_size, cfg.q_size + 2 * cfg.kv_size)  # [Q | K | V]
         self.o_proj = _linear(cfg, cfg.q_size, cfg.hidden_size)
 
-    def forward(self, x, cos, sin, mask, doc_ids=None, cache: KVCache | None = None):
+    def forward(self, x, rope, mask, cache: KVCache | None = None):
         cfg = self.cfg
         b, s, _ = x.shape
         qkv = self.qkv_proj(x)                                               # [b, s, q + 2kv]
@@ -50,10 +50,10 @@ class Attention(nn.Layer):
         q = q.reshape([b, s, cfg.num_attention_heads, cfg.head_dim])         # [b, s, nh, hd]
         k = k.reshape([b, s, cfg.num_key_value_heads, cfg.head_dim])         # [b, s, nkv, hd]
         v = v.reshape([b, s, cfg.num_key_value_heads, cfg.head_dim])         # [b, s, nkv, hd]
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = apply_rope(q, *rope["q"]), apply_rope(k, *rope["k"])
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)                        # [b, t, nkv, hd]
-        out = attention(q, k, v, mask, doc_ids=doc_ids)                      # [b, s, nh, hd]
+        out = attention(q, k, v, mask)                                       # [b, s, nh, hd]
         return self.o_proj(out.reshape([b, s, cfg.q_size]))                  # [b, s, h]
 
 
@@ -77,8 +77,8 @@ class DecoderLayer(nn.Layer):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, cos, sin, mask, doc_ids=None, cache=None):        # pre-norm residual block
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, doc_ids, cache)
+    def forward(self, x, rope, mask, cache=None):                          # pre-norm residual block
+        x = x + self.self_attn(self.input_layernorm(x), rope, mask, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -116,12 +116,17 @@ class ErnieModel(nn.Layer):
         past = cache.seq_len if cache is not None else 0
         if position_ids is None:
             position_ids = default_position_ids(b, s, doc_ids=doc_ids, key_padding=attention_mask, past=past)
-        cos, sin = rope_cos_sin(position_ids, self.cfg.head_dim, self.cfg.rope_theta,
-                                self.cfg.compression_ratio)                 # [b, s, 1, hd/2] each
+        cfg = self.cfg
+        cos, sin = rope_cos_sin(position_ids, cfg.head_dim, cfg.rope_theta, cfg.compression_ratio)  # [b, s, 1, hd]
+        # Expanded once per forward, not per layer: Paddle's CPU broadcasting is slow.
+        rope = {"q": (cos.expand([b, s, cfg.num_attention_heads, cfg.head_dim]),
+                      sin.expand([b, s, cfg.num_attention_heads, cfg.head_dim])),
+                "k": (cos.expand([b, s, cfg.num_key_value_heads, cfg.head_dim]),
+                      sin.expand([b, s, cfg.num_key_value_heads, cfg.head_dim]))}
         mask = build_attention_mask(s, past + s, doc_ids=doc_ids, key_padding=attention_mask)
         x = self.embed_tokens(input_ids)                                     # [b, s, h]
         for layer in self.layers:
-            x = layer(x, cos, sin, mask, doc_ids, cache)
+            x = layer(x, rope, mask, cache)
         return self.norm(x)
 
 

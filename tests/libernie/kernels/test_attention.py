@@ -28,7 +28,7 @@ def test_sdpa_and_reference_agree_with_numpy(nh, nkv, kind):
     doc = np.array([[0, 0, 0, 1, 1, 2, 2, 2, 2], [5, 5, 5, 5, 5, 5, 5, 6, 6]])
     pad = np.array([[0, 0, 0, 1, 1, 1, 1, 1, 1], [1] * 9])
     if kind == "causal":
-        mask, allowed = None, causal
+        mask, allowed = build_attention_mask(s, s), causal
     elif kind == "docs":
         mask = build_attention_mask(s, s, doc_ids=paddle.to_tensor(doc))
         allowed = causal & (doc[:, :, None] == doc[:, None, :])
@@ -37,20 +37,34 @@ def test_sdpa_and_reference_agree_with_numpy(nh, nkv, kind):
         allowed = causal & pad[:, None, :].astype(bool) | np.eye(s, dtype=bool)[None]
     expect = _numpy_attention(q, k, v, allowed)
     rows = slice(None) if kind != "padding" else slice(3, None)          # padding queries are don't-care
-    for backend in ("reference", "sdpa"):
+    for backend in ("reference", "blocked", "sdpa"):
         out = attention(*(paddle.to_tensor(a) for a in (q, k, v)), mask, backend=backend).numpy()
         assert np.isfinite(out).all(), backend
         np.testing.assert_allclose(out[:, rows], expect[:, rows], atol=2e-6, err_msg=backend)
 
 
 def test_mask_with_cache_offset_lets_new_queries_see_the_past():
-    m = build_attention_mask(2, 5, key_padding=paddle.to_tensor([[0, 1, 1, 1, 1]])).numpy()[0, 0]
+    m = build_attention_mask(2, 5, key_padding=paddle.to_tensor([[0, 1, 1, 1, 1]])).allowed().numpy()[0, 0]
     np.testing.assert_array_equal(m, [[False, True, True, True, False], [False, True, True, True, True]])
 
 
-def test_dispatch_picks_sdpa_on_cpu_and_honours_override(monkeypatch):
+@pytest.mark.parametrize("s,t,block", [(1, 9, 4), (3, 9, 2), (9, 9, 4), (130, 130, 64), (5, 5, 64)])
+def test_blocked_kernel_matches_reference_across_blocks_and_cache_offsets(s, t, block):
+    from libernie.kernels.attention import attention_blocked
+    rng = np.random.default_rng(s * 100 + t)
+    q = paddle.to_tensor(rng.normal(size=(2, s, 6, 8)).astype(np.float32))
+    k, v = (paddle.to_tensor(rng.normal(size=(2, t, 3, 8)).astype(np.float32)) for _ in range(2))
+    pad = np.ones((2, t), np.int64)
+    pad[1, :2] = 0
+    for mask in (build_attention_mask(s, t, key_padding=paddle.to_tensor(pad)),) + (
+            (build_attention_mask(s, t),) if s == t else ()):
+        ref = attention_reference(q, k, v, mask).numpy()
+        np.testing.assert_allclose(attention_blocked(q, k, v, mask, block=block).numpy(), ref, atol=2e-6)
+
+
+def test_dispatch_picks_blocked_on_cpu_and_honours_override(monkeypatch):
     q = paddle.zeros([1, 2, 2, 4])
-    assert attention_backend(q, None) == "sdpa"
+    assert attention_backend(q, None) == "blocked"
     monkeypatch.setenv("ERNIE_ATTENTION", "reference")
     assert attention_backend(q, None) == "reference"
     monkeypatch.setenv("ERNIE_ATTENTION", "bogus")

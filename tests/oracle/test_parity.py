@@ -102,3 +102,22 @@ def test_transformers_loads_what_libernie_wrote(libernie_written):
     for name, logits in ours.items():
         np.testing.assert_allclose(np.load(root / name / "ref_logits.npy"), logits, rtol=0, atol=TOL,
                                    err_msg=name)
+
+
+@pytest.mark.slow
+def test_real_0_3b_architecture_with_transformers_defaults(oracle_python, tmp_path):
+    """transformers' default Ernie4_5Config *is* ERNIE-4.5-0.3B (vocab 103424, hidden 1024, 16/2 heads of 128);
+    two of its 18 layers keep this under a minute. Our preset must agree with it field by field."""
+    from libernie.config import ernie_4_5_0_3b
+    spec = [{"name": "b", "seed": 0, "config": {"num_hidden_layers": 2},
+             "input_ids": [[1, 5, 9, 22, 100, 2999, 3, 7, 50000, 103000, 17, 18, 19, 20, 21, 22]]}]
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    _oracle(oracle_python, "build", str(tmp_path / "spec.json"), str(tmp_path))
+    model = ErnieForCausalLM.from_pretrained(tmp_path / "b")
+    expect = ernie_4_5_0_3b()
+    expect.num_hidden_layers = 2
+    got = model.config
+    assert {f: getattr(got, f) for f in expect.__dataclass_fields__ if f not in ("extra", "source_keys")} == \
+           {f: getattr(expect, f) for f in expect.__dataclass_fields__ if f not in ("extra", "source_keys")}
+    ref = np.load(tmp_path / "b" / "ref_logits.npy")
+    np.testing.assert_allclose(_logits(model, np.array(spec[0]["input_ids"])), ref, rtol=0, atol=TOL)

@@ -36,3 +36,7 @@ class ShardFormatError(ErnieError):
 
 class PackError(ErnieError):
     """ernie-pack cannot run as asked: bad options, a resume state that does not match, an unreadable input."""
+
+
+class LoRAError(ErnieError):
+    """A LoRA configuration or adapter directory that cannot be applied to the model."""

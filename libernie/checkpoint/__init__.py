@@ -91,8 +91,8 @@ class _ModelSource:
     layout = "paddle"
     path = "model"
 
-    def __init__(self, model):
-        self.params = dict(model.named_parameters())
+    def __init__(self, model):  # LoRA matrices are not part of the base checkpoint (save_adapter writes them)
+        self.params = {n: p for n, p in model.named_parameters() if ".lora_" not in n}
 
     def keys(self):
         return list(self.params)
@@ -120,7 +120,7 @@ def load_model(cls, path, dtype: str | None = None):
     cfg = ErnieConfig.from_file(path)
     reader = CheckpointReader(path)
     model = cls(cfg)
-    params = dict(model.named_parameters())
+    params = {n: p for n, p in model.named_parameters() if ".lora_" not in n}
     disk_dtypes = set()
     for name, arr, dt in iter_tensors(reader, cfg, "paddle"):
         disk_dtypes.add(dt)

@@ -172,10 +172,16 @@ class ErnieForCausalLM(nn.Layer):
 
     # ---- checkpoints: one loading path for every tool (libernie.checkpoint) -------------------
     @classmethod
-    def from_pretrained(cls, path, dtype: str | None = None) -> "ErnieForCausalLM":
-        """Load a checkpoint directory in either layout. dtype None: fp32 on CPU, the checkpoint's on GPU."""
+    def from_pretrained(cls, path, dtype: str | None = None, adapter=None) -> "ErnieForCausalLM":
+        """Load a checkpoint directory in either layout, plus an optional LoRA adapter directory.
+        dtype None: fp32 on CPU, the checkpoint's on GPU."""
         from libernie.checkpoint import load_model
-        return load_model(cls, path, dtype=dtype)
+        model = load_model(cls, path, dtype=dtype)
+        if adapter is not None:
+            from libernie.lora import load_adapter
+            load_adapter(model, adapter)
+            model.eval()
+        return model
 
     def save_pretrained(self, out_dir, layout: str = "hf", max_shard_size: str | int = "5GB",
                         dtype: str | None = None) -> None:

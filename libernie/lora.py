@@ -1,0 +1,155 @@
+"""LoRA for the ERNIE model: adapted Linears, and the adapter files ernie-train writes (docs/formats/adapter.md).
+
+apply_lora() swaps each target nn.Linear for a LoRALinear that keeps the base weight under the same
+parameter name, so checkpoint code sees an unchanged model plus `*.lora_A` / `*.lora_B` parameters.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import paddle
+import paddle.nn as nn
+import paddle.nn.functional as F
+
+from libernie.checkpoint.safetensors_io import SafetensorsFile, write_safetensors
+from libernie.checkpoint.sharded import atomic_dir
+from libernie.errors import LoRAError
+
+FORMAT, VERSION = "ernie-tools-lora", 1
+CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
+DEFAULT_TARGETS = ("qkv_proj", "o_proj", "up_gate_proj", "down_proj")
+
+
+@dataclass
+class LoRAConfig:
+    r: int = 8
+    lora_alpha: float | None = None     # None: 2 * r, ERNIEKit's default
+    use_rslora: bool = False            # scaling alpha / sqrt(r) instead of alpha / r
+    lora_dropout: float = 0.0
+    target_modules: tuple[str, ...] = DEFAULT_TARGETS   # last component of a module name
+    modules: list[str] = field(default_factory=list)     # filled by apply_lora
+
+    def __post_init__(self):
+        if not isinstance(self.r, int) or self.r <= 0:
+            raise LoRAError(f"lora rank must be a positive integer, got {self.r!r}")
+        if self.lora_alpha is None:
+            self.lora_alpha = 2.0 * self.r
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise LoRAError(f"lora dropout must be in [0, 1), got {self.lora_dropout}")
+        self.target_modules = tuple(self.target_modules)
+
+    @property
+    def scaling(self) -> float:
+        return self.lora_alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+
+
+class LoRALinear(nn.Layer):
+    """y = x W + b + scaling * dropout(x) A B, with W [in, out] frozen. Parameter names: weight, bias, lora_A, lora_B."""
+
+    def __init__(self, base: nn.Linear, cfg: LoRAConfig):
+        super().__init__()
+        self.weight, self.bias = base.weight, base.bias
+        n_in, n_out = base.weight.shape
+        bound = 1.0 / math.sqrt(n_in)  # kaiming_uniform(a=sqrt(5)) on [in, r], as PEFT initialises A
+        self.lora_A = self.create_parameter([n_in, cfg.r], default_initializer=nn.initializer.Uniform(-bound, bound))
+        self.lora_B = self.create_parameter([cfg.r, n_out], default_initializer=nn.initializer.Constant(0.0))
+        self.scaling, self.dropout = cfg.scaling, cfg.lora_dropout
+
+    def forward(self, x):                                                    # [.., in] -> [.., out]
+        y = F.linear(x, self.weight, self.bias)
+        h = F.dropout(x, self.dropout, training=self.training) if self.dropout else x
+        return y + paddle.matmul(paddle.matmul(h, self.lora_A), self.lora_B) * self.scaling
+
+    def delta(self) -> paddle.Tensor:
+        """scaling * A @ B, [in, out], fp32."""
+        return paddle.matmul(self.lora_A.astype("float32"), self.lora_B.astype("float32")) * self.scaling
+
+
+def apply_lora(model: nn.Layer, cfg: LoRAConfig, modules: list[str] | None = None) -> list[str]:
+    """Wrap target Linears (by last name component, or the exact `modules`); freeze everything else.
+    Returns the adapted module names. Raises LoRAError when a target matches nothing."""
+    wanted = set(modules) if modules else None
+    hits = []
+    for name, layer in list(model.named_sublayers()):
+        if not isinstance(layer, nn.Linear):
+            continue
+        if (wanted is not None and name in wanted) or (wanted is None and name.split(".")[-1] in cfg.target_modules):
+            parent_name, _, attr = name.rpartition(".")
+            parent = model if not parent_name else dict(model.named_sublayers())[parent_name]
+            setattr(parent, attr, LoRALinear(layer, cfg))
+            hits.append(name)
+    if wanted is not None and set(hits) != wanted:
+        raise LoRAError(f"adapter modules not in the model: {sorted(wanted - set(hits))[:3]}")
+    for target in (cfg.target_modules if wanted is None else ()):
+        if not any(h.split(".")[-1] == target for h in hits):
+            raise LoRAError(f"LoRA target {target!r} matches no Linear in the model; targets are last name "
+                            "components such as qkv_proj, o_proj, up_gate_proj, down_proj, lm_head")
+    for pname, p in model.named_parameters():
+        p.stop_gradient = ".lora_" not in pname
+    cfg.modules = hits
+    return hits
+
+
+def lora_parameters(model: nn.Layer) -> dict[str, paddle.Tensor]:
+    return {n: p for n, p in model.named_parameters() if ".lora_" in n}
+
+
+def config_sha256(model_dir) -> str | None:
+    path = os.path.join(os.fspath(model_dir), "config.json")
+    return hashlib.sha256(open(path, "rb").read()).hexdigest() if os.path.isfile(path) else None
+
+
+def save_adapter(model: nn.Layer, cfg: LoRAConfig, out_dir, base_model: str | None = None) -> None:
+    """Write adapter_config.json + adapter_model.safetensors to out_dir, atomically."""
+    tensors = {n: (p.astype("float32").numpy(), "F32") for n, p in lora_parameters(model).items()}
+    meta = {"format": FORMAT, "version": VERSION, "peft_type": "LORA",
+            "base_model": None if base_model is None else os.fspath(base_model),
+            "base_model_config_sha256": config_sha256(base_model) if base_model else None,
+            "layout": "paddle", "scaling": cfg.scaling, **asdict(cfg)}
+    meta["target_modules"] = list(cfg.target_modules)
+    with atomic_dir(out_dir) as tmp:
+        write_safetensors(os.path.join(tmp, WEIGHTS_FILE), tensors, {"format": "np", "ernie_tools": "lora"})
+        with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
+            json.dump(meta, f, indent=2)
+
+
+def read_adapter(adapter_dir) -> tuple[LoRAConfig, dict, dict[str, np.ndarray]]:
+    """(LoRAConfig, raw config dict, {tensor name: fp32 array}) of an ernie-tools adapter directory."""
+    adapter_dir = os.fspath(adapter_dir)
+    cpath = os.path.join(adapter_dir, CONFIG_FILE)
+    try:
+        meta = json.load(open(cpath))
+    except FileNotFoundError:
+        raise LoRAError(f"{cpath}: not found; pass an adapter directory written by ernie-train") from None
+    except json.JSONDecodeError as e:
+        raise LoRAError(f"{cpath}: invalid JSON ({e})") from None
+    if meta.get("format") != FORMAT or meta.get("version") != VERSION:
+        raise LoRAError(f"{cpath}: format {meta.get('format')!r} v{meta.get('version')} is not {FORMAT} v{VERSION}")
+    cfg = LoRAConfig(r=meta["r"], lora_alpha=meta["lora_alpha"], use_rslora=meta.get("use_rslora", False),
+                     lora_dropout=meta.get("lora_dropout", 0.0), target_modules=tuple(meta["target_modules"]),
+                     modules=list(meta["modules"]))
+    st = SafetensorsFile(os.path.join(adapter_dir, WEIGHTS_FILE))
+    tensors = {n: np.array(st.get(n), dtype=np.float32) for n in st.names}
+    expected = {f"{m}.lora_{x}" for m in cfg.modules for x in "AB"}
+    if set(tensors) != expected:
+        odd = sorted(set(tensors) ^ expected)[0]
+        raise LoRAError(f"{st.path}: tensor {odd} does not match adapter_config.json modules")
+    return cfg, meta, tensors
+
+
+def load_adapter(model: nn.Layer, adapter_dir) -> LoRAConfig:
+    """Apply the adapter in `adapter_dir` to `model` (in place) and load its weights."""
+    cfg, _, tensors = read_adapter(adapter_dir)
+    apply_lora(model, cfg, modules=cfg.modules)
+    params = lora_parameters(model)
+    for name, arr in tensors.items():
+        if tuple(params[name].shape) != arr.shape:
+            raise LoRAError(f"{adapter_dir}: {name} has shape {list(arr.shape)}, the base model needs "
+                            f"{list(params[name].shape)}; was it trained on another base?")
+        params[name].set_value(arr)
+    return cfg

@@ -106,16 +106,22 @@ def config_sha256(model_dir) -> str | None:
 
 def save_adapter(model: nn.Layer, cfg: LoRAConfig, out_dir, base_model: str | None = None) -> None:
     """Write adapter_config.json + adapter_model.safetensors to out_dir, atomically."""
+    with atomic_dir(out_dir) as tmp:
+        write_adapter(model, cfg, tmp, base_model)
+
+
+def write_adapter(model: nn.Layer, cfg: LoRAConfig, directory, base_model: str | None = None) -> None:
+    """The adapter files, written into an existing directory (the caller makes it atomic)."""
     tensors = {n: (p.astype("float32").numpy(), "F32") for n, p in lora_parameters(model).items()}
     meta = {"format": FORMAT, "version": VERSION, "peft_type": "LORA",
             "base_model": None if base_model is None else os.fspath(base_model),
             "base_model_config_sha256": config_sha256(base_model) if base_model else None,
             "layout": "paddle", "scaling": cfg.scaling, **asdict(cfg)}
     meta["target_modules"] = list(cfg.target_modules)
-    with atomic_dir(out_dir) as tmp:
-        write_safetensors(os.path.join(tmp, WEIGHTS_FILE), tensors, {"format": "np", "ernie_tools": "lora"})
-        with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
-            json.dump(meta, f, indent=2)
+    directory = os.fspath(directory)
+    write_safetensors(os.path.join(directory, WEIGHTS_FILE), tensors, {"format": "np", "ernie_tools": "lora"})
+    with open(os.path.join(directory, CONFIG_FILE), "w") as f:
+        json.dump(meta, f, indent=2)
 
 
 def read_adapter(adapter_dir) -> tuple[LoRAConfig, dict, dict[str, np.ndarray]]:

@@ -42,30 +42,51 @@ def detect(env=os.environ) -> DistInfo:
     return DistInfo()
 
 
-def slurm_master_addr(env=os.environ) -> str:
-    if env.get("MASTER_ADDR"):
-        return env["MASTER_ADDR"]
+def _hostnames(env) -> list[str]:
     nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
     if not nodelist:
-        raise DistError("under srun but neither MASTER_ADDR nor SLURM_JOB_NODELIST is set; export MASTER_ADDR")
+        return []
     try:
         out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
                              check=True, timeout=30).stdout.split()
     except (OSError, subprocess.SubprocessError) as e:
+        if env.get("MASTER_ADDR"):
+            return []
         raise DistError(f"scontrol show hostnames {nodelist} failed ({e}); export MASTER_ADDR") from None
-    if not out:
-        raise DistError(f"scontrol show hostnames {nodelist} printed no host; export MASTER_ADDR")
-    return out[0]
+    return out
+
+
+def tasks_per_node(spec: str | None, nodes: int, world: int) -> list[int]:
+    """Slurm's SLURM_TASKS_PER_NODE ("2(x3),1" -> [2, 2, 2, 1]); without it, an even split."""
+    if not spec:
+        return [world // max(nodes, 1)] * max(nodes, 1)
+    out = []
+    for part in spec.split(","):
+        if "(x" in part:
+            n, rep = part.rstrip(")").split("(x")
+            out += [int(n)] * int(rep)
+        else:
+            out.append(int(part))
+    return out
 
 
 def slurm_env(info: DistInfo, env=os.environ) -> dict[str, str]:
-    """The PADDLE_* / MASTER_* variables init_parallel_env needs, derived from Slurm's."""
-    addr = slurm_master_addr(env)
+    """The PADDLE_* / MASTER_* variables init_parallel_env needs, derived from Slurm's. Ranks are laid out
+    node by node (Slurm's default block distribution); rank r listens on MASTER_PORT + 1 + local rank."""
+    hosts = _hostnames(env)
+    addr = env.get("MASTER_ADDR") or (hosts[0] if hosts else None)
+    if not addr:
+        raise DistError("under srun but neither MASTER_ADDR nor SLURM_JOB_NODELIST is set; export MASTER_ADDR")
+    hosts = hosts or [addr]
     port = int(env.get("MASTER_PORT", "29500"))
-    host = socket.gethostname()
+    counts = tasks_per_node(env.get("SLURM_TASKS_PER_NODE"), len(hosts), info.world_size)
+    endpoints = [f"{h}:{port + 1 + i}" for h, k in zip(hosts, counts) for i in range(k)]
+    if len(endpoints) != info.world_size:
+        raise DistError(f"SLURM_NTASKS={info.world_size} but the node list gives {len(endpoints)} tasks; "
+                        "check --ntasks-per-node")
     return {"PADDLE_TRAINER_ID": str(info.rank), "PADDLE_TRAINERS_NUM": str(info.world_size),
             "PADDLE_RANK_IN_NODE": str(info.local_rank), "MASTER_ADDR": addr, "MASTER_PORT": str(port),
-            "PADDLE_CURRENT_ENDPOINT": f"{host}:{port + 1 + info.local_rank}",
+            "PADDLE_TRAINER_ENDPOINTS": ",".join(endpoints), "PADDLE_CURRENT_ENDPOINT": endpoints[info.rank],
             "FLAGS_selected_gpus": str(info.local_rank)}
 
 

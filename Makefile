@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 export MKL_DEBUG_CPU_TYPE ?= 5
 export OMP_NUM_THREADS ?= $(shell nproc 2>/dev/null || echo 1)
 
-.PHONY: help venv oracle test test-fast demo bench clean
+.PHONY: help venv oracle test test-fast demo bench clean bats bats-deps
 
 help:
 	@echo "make demo   - create .venv, install, build the tiny demo model, convert it and generate"
@@ -26,17 +26,31 @@ oracle: $(ORACLE)/.installed
 $(ORACLE)/.installed: requirements/oracle.txt scripts/setup_oracle.sh
 	PYTHON=$(PYTHON) scripts/setup_oracle.sh $(ORACLE)
 
-test: venv oracle
+test: venv oracle bats-deps
 	$(PY) -m pytest -q
+	$(MAKE) --no-print-directory bats
 
 test-fast: venv
 	$(PY) -m pytest -q -m "not oracle and not slow"
 
 demo: venv
-	$(PY) scripts/demo.py
+	bash scripts/demo.sh
 
 bench: venv oracle
 	$(PY) scripts/bench/forward.py
+
+# bats-core 1.13 (bats_pipe, run --separate-stderr) with bats-assert/bats-support from npm into .bats/;
+# Debian's bats is too old. jq is used by the pipeline tests as a user would use it.
+BATS_DIR := .bats
+BATS := $(BATS_DIR)/node_modules/bats/bin/bats
+bats-deps: $(BATS_DIR)/.installed
+$(BATS_DIR)/.installed:
+	command -v jq >/dev/null || { apt-get update -qq && apt-get install -y -qq jq; }
+	npm install --prefix $(BATS_DIR) --no-save --no-audit --no-fund bats@1.13.0 bats-assert@2.2.4 bats-support@0.3.0
+	touch $@
+
+bats: venv bats-deps
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(BATS) tests/bats
 
 clean:
 	rm -rf $(VENV) $(ORACLE) .pytest_cache demo-out

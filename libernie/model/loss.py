@@ -16,16 +16,19 @@ def causal_lm_loss(logits: paddle.Tensor, labels: paddle.Tensor, loss_mask: padd
     cannot be predicted from the previous document).
     reduction: "mean" over counted targets, "sum", or "none" -> (sum, count).
     """
-    v = logits.shape[-1]
-    target = labels[:, 1:]                                               # [b, s-1]
+    b, s, v = logits.shape
+    # Shift the targets left instead of slicing logits[:, :-1]: that slice would copy [b, s, V].
+    pad = paddle.full([b, 1], ignore_index, dtype=labels.dtype)
+    target = paddle.concat([labels[:, 1:], pad], axis=1)                 # [b, s]: target of position t
     valid = target != ignore_index
     if loss_mask is not None:
-        valid = valid & loss_mask[:, 1:].astype("bool")
+        valid = valid & paddle.concat([loss_mask[:, 1:], paddle.zeros([b, 1], loss_mask.dtype)], 1).astype("bool")
     if doc_ids is not None:
-        valid = valid & (doc_ids[:, 1:] == doc_ids[:, :-1])
+        same = doc_ids[:, 1:] == doc_ids[:, :-1]
+        valid = valid & paddle.concat([same, paddle.zeros([b, 1], dtype="bool")], axis=1)
     safe_target = paddle.where(valid, target, paddle.zeros_like(target)).astype("int64")
-    ce = F.cross_entropy(logits[:, :-1].reshape([-1, v]).astype("float32"), safe_target.reshape([-1, 1]),
-                         reduction="none").reshape(target.shape)         # [b, s-1]
+    ce = F.cross_entropy(logits.reshape([-1, v]).astype("float32"), safe_target.reshape([-1, 1]),
+                         reduction="none").reshape([b, s])                # [b, s]
     validf = valid.astype("float32")
     total = (ce * validf).sum()
     count = validf.sum()

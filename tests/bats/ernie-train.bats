@@ -1,0 +1,48 @@
+#!/usr/bin/env bats
+# ernie-train as a user runs it: from packed shards, with a YAML config, piping its JSON summary.
+
+setup() {
+  load test_helper
+  cd "$BATS_TEST_TMPDIR"
+  jsonl_docs 60 docs.jsonl
+  ernie-pack pretrain --tokenizer "$TOKENIZER" --seq-len 64 -o data/pt -q docs.jsonl >/dev/null
+}
+
+@test "pretrain from a preset prints one JSON summary whose checkpoint loads" {
+  run --separate-stderr ernie-train pretrain --data data/pt --init-config ernie-tiny --tokenizer "$TOKENIZER" \
+    -o run --max-steps 3 --logging-steps 1 -q
+  assert_success
+  assert_equal "$stderr" ""
+  assert_equal "$(printf '%s\n' "$output" | wc -l)" 1
+  ckpt=$(printf '%s' "$output" | jq -r .checkpoint)
+  assert [ -f "$ckpt/model.safetensors.index.json" ] && [ -f "$ckpt/tokenizer.model" ]
+  run python -c "import libernie; from libernie.model import ErnieForCausalLM as M; print(M.from_pretrained('$ckpt').config.num_hidden_layers)"
+  assert_output "2"
+  run jq -s length run/metrics.jsonl
+  assert_output "3"
+}
+
+@test "a YAML config is read and flags override it" {
+  printf 'data: data/pt\ninit_config: ernie-tiny\ntokenizer: %s\noutput_dir: run\nmax_steps: 5\nlearning_rate: 1e-3\n' \
+    "$TOKENIZER" > train.yaml
+  run --separate-stderr bats_pipe ernie-train pretrain --config train.yaml --max-steps 2 -q \| jq .steps
+  assert_success
+  assert_output "2"
+  run jq .learning_rate run/train_config.json
+  assert_output "0.001"
+}
+
+@test "an unknown YAML key is a one-line error and exit 1" {
+  printf 'data: data/pt\nlearning_rat: 1\n' > bad.yaml
+  run --separate-stderr ernie-train pretrain --config bad.yaml -o run
+  assert_failure 1
+  assert_equal "$stderr" "Error: bad.yaml: unknown option 'learning_rat'; see \`ernie-train pretrain --help\`"
+}
+
+@test "training on shards packed for another mode is refused" {
+  run --separate-stderr ernie-train sft --data data/pt --init-config ernie-tiny --tokenizer "$TOKENIZER" -o run -q
+  assert_failure 1
+  assert_equal "$(printf '%s\n' "$stderr" | wc -l)" 1
+  assert_regex "$stderr" "packed for 'pretrain'"
+  assert [ ! -e run ]
+}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import paddle
 import paddle.nn.functional as F
 
@@ -28,6 +29,18 @@ class AttentionMask:
         self.plain_causal = doc_ids is None and key_padding is None and q_len == k_len
         self._bool = None if self.plain_causal else _allowed(q_len, k_len, doc_ids, key_padding)
         self._bias = None
+
+    def first_key(self, i: int, e: int) -> int:
+        """The earliest key any of query rows i..e-1 may see (in any batch row): with packed documents,
+        keys before the block's earliest document start are masked for every row, so kernels skip them."""
+        if self.doc_ids is None or self.q_len != self.k_len:
+            return 0
+        if not hasattr(self, "_starts"):
+            doc = self.doc_ids.numpy()
+            pos = np.broadcast_to(np.arange(doc.shape[1]), doc.shape)
+            new = np.concatenate([np.ones((doc.shape[0], 1), bool), doc[:, 1:] != doc[:, :-1]], axis=1)
+            self._starts = np.maximum.accumulate(np.where(new, pos, 0), axis=1).min(axis=0)   # [s]
+        return int(self._starts[i:e].min())
 
     def allowed(self) -> paddle.Tensor:
         """bool [b|1, 1, s, t], True where query i may attend to key j."""
@@ -129,16 +142,17 @@ def attention_blocked(q, k, v, mask: AttentionMask, block: int = BLOCK):
     for i in range(0, s, block):
         e = min(s, i + block)
         n_keys = offset + e                                               # keys these rows may reach
+        k0 = mask.first_key(i, e)                                         # keys before k0 are masked for all
         c = e - i
         qb = q5[:, :, :, i:e].reshape([b, nkv, g * c, hd])                # [b, nkv, g*c, hd]
-        sc = paddle.matmul(qb, kt[:, :, :n_keys], transpose_y=True).astype("float32")
-        sc = sc.reshape([b, nkv, g, c, n_keys])                           # [b, nkv, g, c, keys]
+        sc = paddle.matmul(qb, kt[:, :, k0:n_keys], transpose_y=True).astype("float32")
+        sc = sc.reshape([b, nkv, g, c, n_keys - k0])                      # [b, nkv, g, c, keys]
         if bias is not None:
-            sc = sc + bias[:, :, :, i:e, :n_keys]
+            sc = sc + bias[:, :, :, i:e, k0:n_keys]
         elif c > 1:                                                       # plain causal: only the last c keys
             sc = sc + _causal_tail(c, n_keys)
-        p = F.softmax(sc, axis=-1).astype(q.dtype).reshape([b, nkv, g * c, n_keys])
-        outs.append(paddle.matmul(p, vt[:, :, :n_keys]).reshape([b, nkv, g, c, hd]))
+        p = F.softmax(sc, axis=-1).astype(q.dtype).reshape([b, nkv, g * c, n_keys - k0])
+        outs.append(paddle.matmul(p, vt[:, :, k0:n_keys]).reshape([b, nkv, g, c, hd]))
     out = paddle.concat(outs, axis=3) if len(outs) > 1 else outs[0]       # [b, nkv, g, s, hd]
     return out.transpose([0, 3, 1, 2, 4]).reshape([b, s, nh, hd])
 

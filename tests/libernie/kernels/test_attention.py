@@ -76,3 +76,16 @@ def test_reference_handles_causal_without_mask():
     q = paddle.randn([1, 4, 2, 4])
     np.testing.assert_allclose(attention_reference(q, q, q).numpy(), attention(q, q, q, backend="sdpa").numpy(),
                                atol=1e-6)
+
+
+def test_blocked_kernel_skips_keys_before_the_blocks_documents():
+    from libernie.kernels.attention import attention_blocked
+    rng = np.random.default_rng(7)
+    s = 100
+    doc = np.stack([np.cumsum(rng.random(s) < 0.06), np.cumsum(rng.random(s) < 0.1)])  # ragged documents per row
+    mask = build_attention_mask(s, s, doc_ids=paddle.to_tensor(doc))
+    assert mask.first_key(80, 96) > 0  # something is skipped, so the test means something
+    q = paddle.to_tensor(rng.normal(size=(2, s, 4, 8)).astype(np.float32))
+    k, v = (paddle.to_tensor(rng.normal(size=(2, s, 2, 8)).astype(np.float32)) for _ in range(2))
+    np.testing.assert_allclose(attention_blocked(q, k, v, mask, block=16).numpy(),
+                               attention_reference(q, k, v, mask).numpy(), atol=2e-6)

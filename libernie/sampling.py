@@ -50,9 +50,11 @@ def sample(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator 
     if params.temperature == 0:
         return int(np.argmax(logits))
     logits = logits / params.temperature
-    order = np.argsort(-logits, kind="stable")               # best first; ties broken by id
-    if params.top_k:
-        order = order[: params.top_k]
+    if params.top_k and params.top_k < len(logits):          # partition first: no full sort of a 100k vocab
+        cand = np.argpartition(-logits, params.top_k - 1)[: params.top_k]
+        order = cand[np.lexsort((cand, -logits[cand]))]       # best first; ties broken by id
+    else:
+        order = np.argsort(-logits, kind="stable")           # best first; ties broken by id
     probs = np.exp(logits[order] - logits[order[0]])
     probs /= probs.sum()
     if params.top_p < 1.0:

@@ -113,7 +113,6 @@ class _ModelSource:
 
 def load_model(cls, path, dtype: str | None = None):
     """Build `cls(config)` from a checkpoint directory in either layout, one tensor at a time."""
-    import paddle
     from libernie.kernels import on_gpu
 
     path = os.fspath(path)
@@ -132,7 +131,6 @@ def load_model(cls, path, dtype: str | None = None):
     if dtype not in ("float32", "fp32"):
         model.to(dtype={"bf16": "bfloat16", "fp16": "float16"}.get(dtype, dtype))
     model.eval()
-    paddle.set_grad_enabled(True)
     return model
 
 

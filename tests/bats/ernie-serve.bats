@@ -33,15 +33,6 @@ setup() {
   cd "$BATS_TEST_TMPDIR"
 }
 
-# wait_healthy URL: poll /health for up to 60 s.
-wait_healthy() {
-  for _ in $(seq 1 300); do
-    [ "$(curl -s -o /dev/null -w '%{http_code}' "$1/health")" = 200 ] && return 0
-    sleep 0.2
-  done
-  return 1
-}
-
 chat_body='{"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 8, "temperature": 0}'
 
 @test "GET /health is 200 and needs no key" {

@@ -14,3 +14,12 @@ jsonl_docs() {
     printf '{"text": "Document %d says the river is %d meters wide and the bridge is older than the mill."}\n' "$k" "$k"
   done > "$file"
 }
+
+# wait_healthy URL: poll /health for up to 60 s.
+wait_healthy() {
+  for _ in $(seq 1 300); do
+    [ "$(curl -s -o /dev/null -w '%{http_code}' "$1/health")" = 200 ] && return 0
+    sleep 0.2
+  done
+  return 1
+}

@@ -1,0 +1,55 @@
+#!/usr/bin/env bats
+# The whole chain as a user drives it: pack -> pretrain -> LoRA SFT -> merge -> load and serve.
+
+setup() {
+  load test_helper
+  cd "$BATS_TEST_TMPDIR"
+  jsonl_docs 80 docs.jsonl
+  for a in 1 2 3 4 5 6 7 8; do for b in 1 2 3 4; do
+    printf '{"src": ["What is %d + %d?"], "tgt": ["%d"]}\n' "$a" "$b" "$((a + b))"
+  done; done > sft.jsonl
+}
+
+@test "pack | pretrain | sft --lora | merge gives a checkpoint equal to base + adapter, servable over HTTP" {
+  run --separate-stderr bats_pipe cat docs.jsonl \| ernie-pack pretrain --tokenizer "$TOKENIZER" --seq-len 64 -o data/pt -q -
+  assert_success
+  run --separate-stderr ernie-pack sft --tokenizer "$TOKENIZER" --seq-len 64 -o data/sft -q sft.jsonl
+  assert_success
+  run --separate-stderr bats_pipe ernie-train pretrain --data data/pt --init-config ernie-tiny --tokenizer "$TOKENIZER" \
+    -o runs/pt --max-steps 3 -q \| jq -r .checkpoint
+  assert_success
+  base="$output"
+  run --separate-stderr bats_pipe ernie-train sft --data data/sft --model "$base" --lora --lora-rank 4 -o runs/sft \
+    --max-steps 3 --learning-rate 1e-2 -q \| jq -r .checkpoint
+  assert_success
+  adapter="$output"
+  assert [ -f "$adapter/adapter_model.safetensors" ]
+  run --separate-stderr bats_pipe ernie-merge --base "$base" --adapter "$adapter" -o merged --layout paddle -q \| jq -r .tensors_merged
+  assert_success
+  assert [ "$output" -gt 0 ]
+  # the merged checkpoint computes what base + adapter computes
+  run --separate-stderr python - "$base" "$adapter" merged <<'EOF'
+import sys
+import libernie  # noqa: F401  (first: CPU thread defaults before paddle loads)
+import numpy as np
+import paddle
+from libernie.model import ErnieForCausalLM
+ids = paddle.to_tensor([[1, 50, 60, 70, 80, 90]])
+with paddle.no_grad():
+    a = ErnieForCausalLM.from_pretrained(sys.argv[1], adapter=sys.argv[2])(ids).logits.numpy()
+    b = ErnieForCausalLM.from_pretrained(sys.argv[3])(ids).logits.numpy()
+print(float(np.abs(a - b).max()) < 1e-5)
+EOF
+  assert_output "True"
+  assert [ -f merged/tokenizer.model ]
+  # and ernie-serve answers a chat request from it
+  port="$(python -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
+  ernie-serve merged --port "$port" -q >serve.out 2>serve.err 3>&- &
+  pid=$!
+  wait_healthy "http://127.0.0.1:$port"
+  run bats_pipe curl -sf "http://127.0.0.1:$port/v1/chat/completions" -H 'Content-Type: application/json' \
+    -d '{"messages": [{"role": "user", "content": "What is 2 + 3?"}], "max_tokens": 4}' \| jq -r '.usage.completion_tokens'
+  kill -TERM "$pid"; wait "$pid"
+  assert_success
+  assert [ "$output" -ge 1 ]
+}

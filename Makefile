@@ -11,9 +11,9 @@ export OMP_NUM_THREADS ?= $(shell nproc 2>/dev/null || echo 1)
 .PHONY: help venv oracle test test-fast demo bench clean bats bats-deps
 
 help:
-	@echo "make demo   - create .venv, install, build the tiny demo model, convert it and generate"
+	@echo "make demo   - create .venv, then tokenizer -> pack -> pretrain -> LoRA SFT -> merge -> serve on shipped assets"
 	@echo "make test   - create .venv and .venv-oracle, install pinned deps, run the test suite"
-	@echo "make bench  - run scripts/bench/* and print ratios against peers"
+	@echo "make bench  - run scripts/bench/* and print ratios against peers (installs .venv-pf for PaddleFormers)"
 
 venv: $(VENV)/.installed
 $(VENV)/.installed: requirements/base.txt pyproject.toml
@@ -36,8 +36,15 @@ test-fast: venv
 demo: venv
 	bash scripts/demo.sh
 
+# Each benchmark prints its ratio against a peer or a physical limit measured in the same run;
+# results go to docs/BENCHMARKS.md by hand, with the command and the date.
 bench: venv oracle
+	bash scripts/bench/setup_peers.sh
 	$(PY) scripts/bench/forward.py
+	$(PY) scripts/bench/train.py
+	$(PY) scripts/bench/pack.py
+	$(PY) scripts/bench/merge.py
+	$(PY) scripts/bench/serve.py
 
 # bats-core 1.13 (bats_pipe, run --separate-stderr) with bats-assert/bats-support from npm into .bats/;
 # Debian's bats is too old. jq is used by the pipeline tests as a user would use it.
@@ -53,4 +60,4 @@ bats: venv bats-deps
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(BATS) tests/bats
 
 clean:
-	rm -rf $(VENV) $(ORACLE) .pytest_cache demo-out
+	rm -rf $(VENV) $(ORACLE) .venv-pf .bats .pytest_cache demo-out out

@@ -74,6 +74,11 @@ class SafetensorsFile:
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self._header[name]["shape"])
 
+    def span(self, name: str) -> tuple[int, int]:
+        """(absolute byte offset, byte length) of tensor `name` in the file, for plain reads and copies."""
+        begin, end = self._header[name]["data_offsets"]
+        return self._start + begin, end - begin
+
     def get(self, name: str) -> np.ndarray:
         """The tensor as a read-only memory-mapped array of its storage dtype."""
         info = self._header[name]

@@ -62,8 +62,7 @@ def narrow(x: np.ndarray, dtype: str) -> np.ndarray:
 
 def tensor_span(sf: SafetensorsFile, name: str) -> tuple[int, int]:
     """(absolute byte offset, byte length) of tensor `name` inside its file."""
-    begin, end = sf._header[name]["data_offsets"]
-    return sf._start + begin, end - begin
+    return sf.span(name)
 
 
 def read_array(sf: SafetensorsFile, name: str) -> np.ndarray:

@@ -26,6 +26,7 @@ import numpy as np
 from libernie.checkpoint.names import FUSED_LINEAR, LINEAR, SAME, Rule, rules
 from libernie.checkpoint.safetensors_io import SafetensorsFile, to_float32
 from libernie.config import ErnieConfig
+from libernie.lora_files import WEIGHTS_FILE, read_adapter as read_ernie_tools_adapter
 from libernie.errors import CheckpointError, LoRAError
 
 TIED_HEAD = "lm_head.weight"
@@ -172,25 +173,14 @@ def read_adapter(path, cfg: ErnieConfig) -> Adapter:
 
 
 def _read_ernie_tools(path, cpath, meta, targets: Targets) -> Adapter:
-    # The spec's rules (docs/formats/adapter.md), read without paddle so a merge never pays for importing it.
-    if meta.get("format") != "ernie-tools-lora" or meta.get("version") != 1:
-        raise LoRAError(f"{cpath}: format {meta.get('format')!r} v{meta.get('version')} is not ernie-tools-lora v1; "
-                        "upgrade ernie-tools")
-    r = _need(meta, "r", cpath, int)
-    scaling = _scaling(_need(meta, "lora_alpha", cpath), r, bool(meta.get("use_rslora", False)))
-    wpath = os.path.join(path, "adapter_model.safetensors")
-    tensors = _tensors([wpath])
-    modules = meta.get("modules") or []
-    expected = {f"{m}.lora_{x}" for m in modules for x in "AB"}
-    if set(tensors) != expected:
-        odd = sorted(set(tensors) ^ expected)[0]
-        raise LoRAError(f"{wpath}: tensor {odd} does not match adapter_config.json modules; regenerate the adapter")
+    # libernie.lora_files applies the spec's rules (docs/formats/adapter.md) without importing paddle.
+    cfg, meta, tensors = read_ernie_tools_adapter(path)
     adapter = Adapter(path, "ernie-tools", config=meta)
-    unmatched = [m for m in modules if m + ".weight" not in targets.paddle]
+    unmatched = [m for m in cfg.modules if m + ".weight" not in targets.paddle]
     if unmatched:
-        raise _unmatched([m + ".lora_A" for m in unmatched], wpath)
-    for m in modules:
-        adapter.deltas.append(Delta(m + ".weight", tensors[m + ".lora_A"][0], tensors[m + ".lora_B"][0], scaling,
+        raise _unmatched([m + ".lora_A" for m in unmatched], os.path.join(path, WEIGHTS_FILE))
+    for m in cfg.modules:
+        adapter.deltas.append(Delta(m + ".weight", tensors[m + ".lora_A"], tensors[m + ".lora_B"], cfg.scaling,
                                     0, m + ".lora_A"))
     return adapter
 

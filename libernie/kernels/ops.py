@@ -73,5 +73,5 @@ def swiglu(gate_up: paddle.Tensor) -> paddle.Tensor:
     if backend(gate_up) == "fused":
         from paddle.incubate.nn.functional import swiglu as fused_swiglu
         return fused_swiglu(gate_up)  # splits the last axis in halves, gate first
-    gate, up = gate_up.chunk(2, axis=-1)
-    return F.silu(gate) * up
+    n = gate_up.shape[-1] // 2
+    return F.silu(gate_up[..., :n]) * gate_up[..., n:]  # strided views: chunk() would copy both halves

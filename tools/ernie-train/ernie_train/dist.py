@@ -77,9 +77,11 @@ def slurm_env(info: DistInfo, env=os.environ) -> dict[str, str]:
     addr = env.get("MASTER_ADDR") or (hosts[0] if hosts else None)
     if not addr:
         raise DistError("under srun but neither MASTER_ADDR nor SLURM_JOB_NODELIST is set; export MASTER_ADDR")
-    hosts = hosts or [addr]
     port = int(env.get("MASTER_PORT", "29500"))
-    counts = tasks_per_node(env.get("SLURM_TASKS_PER_NODE"), len(hosts), info.world_size)
+    if hosts:
+        counts = tasks_per_node(env.get("SLURM_TASKS_PER_NODE"), len(hosts), info.world_size)
+    else:  # no node list (an emulated or single-node launch): every rank on MASTER_ADDR
+        hosts, counts = [addr], [info.world_size]
     endpoints = [f"{h}:{port + 1 + i}" for h, k in zip(hosts, counts) for i in range(k)]
     if len(endpoints) != info.world_size:
         raise DistError(f"SLURM_NTASKS={info.world_size} but the node list gives {len(endpoints)} tasks; "

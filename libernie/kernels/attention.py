@@ -1,8 +1,11 @@
 """Attention: one dispatch point over flash attention (GPU), a blocked CPU kernel, Paddle's SDPA and
 a plain reference.
 
-Shapes: q [b, s, nh, hd]; k, v [b, t, nkv, hd] with nh a multiple of nkv (GQA); out [b, s, nh, hd].
-Queries are the last s of the t key positions (t > s when a KV cache holds the past).
+Shapes: q [b, s, nh, hd]; k, v [b, nkv, t, hd] (head-major, as the KV cache stores them) with nh a
+multiple of nkv (GQA); out [b, s, nh, hd]. Queries are the last s of the t key positions (t > s when
+a KV cache holds the past). Head-major keys matter on CPU: Paddle's transposes are strided views,
+and both its matmul on a strided operand and its strided copies are slow (a decode step's
+transpose of the cache cost 1.35 ms per layer, its matmul 0.03 ms).
 The mask is an AttentionMask built once per forward and shared by every layer; each backend asks
 it for the form it uses (bool, additive bias, document ids) and that form is built once.
 """
@@ -99,7 +102,7 @@ def _has_padding(mask):
 
 def attention(q, k, v, mask: AttentionMask | None = None, *, backend: str | None = None) -> paddle.Tensor:
     """Scaled dot-product attention, scale 1/sqrt(hd). See the module docstring for shapes."""
-    mask = mask if mask is not None else AttentionMask(q.shape[1], k.shape[1])
+    mask = mask if mask is not None else AttentionMask(q.shape[1], k.shape[2])
     backend = backend or attention_backend(q, mask)
     if backend == "flash":
         return _flash(q, k, v, mask)
@@ -113,12 +116,11 @@ def attention(q, k, v, mask: AttentionMask | None = None, *, backend: str | None
 def attention_reference(q, k, v, mask: AttentionMask | None = None):
     """The slow twin every other path is tested against: one matmul-softmax-matmul, fp32 softmax."""
     b, s, nh, hd = q.shape
-    t, nkv = k.shape[1], k.shape[2]
+    nkv, t = k.shape[1], k.shape[2]
     mask = mask if mask is not None else AttentionMask(s, t)
     g = nh // nkv
     qg = q.reshape([b, s, nkv, g, hd]).transpose([0, 2, 3, 1, 4])         # [b, nkv, g, s, hd]
-    kg = k.transpose([0, 2, 1, 3]).unsqueeze(2)                           # [b, nkv, 1, t, hd]
-    vg = v.transpose([0, 2, 1, 3]).unsqueeze(2)                           # [b, nkv, 1, t, hd]
+    kg, vg = k.unsqueeze(2), v.unsqueeze(2)                               # [b, nkv, 1, t, hd]
     scores = paddle.matmul(qg, kg, transpose_y=True).astype("float32") * (hd ** -0.5)  # [b, nkv, g, s, t]
     scores = paddle.where(mask.allowed().unsqueeze(2), scores, paddle.full([], float("-inf"), "float32"))
     probs = F.softmax(scores, axis=-1).astype(q.dtype)
@@ -131,12 +133,12 @@ def attention_blocked(q, k, v, mask: AttentionMask, block: int = BLOCK):
     the causal mask (halving the work), and its [.., block, t] scores stay in cache for the softmax.
     Paddle's CPU elementwise ops on a full [b, nh, s, t] score tensor cost more than the matmuls."""
     b, s, nh, hd = q.shape
-    t, nkv = k.shape[1], k.shape[2]
+    nkv, t = k.shape[1], k.shape[2]
     g = nh // nkv
     offset = t - s
-    q5 = (q * (hd ** -0.5)).reshape([b, s, nkv, g, hd]).transpose([0, 2, 3, 1, 4])   # [b, nkv, g, s, hd]
-    kt = k.transpose([0, 2, 1, 3])                                        # [b, nkv, t, hd]
-    vt = v.transpose([0, 2, 1, 3])                                        # [b, nkv, t, hd]
+    # Paddle's CPU matmul on a strided view is up to 40x slower than on a dense tensor: make q dense once.
+    q5 = (q * (hd ** -0.5)).reshape([b, s, nkv, g, hd]).transpose([0, 2, 3, 1, 4]).contiguous()  # [b, nkv, g, s, hd]
+    kt, vt = k.contiguous(), v.contiguous()                               # [b, nkv, t, hd] (no-op when dense)
     bias = None if mask.plain_causal else mask.bias().unsqueeze(2)        # [b|1, 1, 1, s, t]
     outs = []
     for i in range(0, s, block):
@@ -145,16 +147,22 @@ def attention_blocked(q, k, v, mask: AttentionMask, block: int = BLOCK):
         k0 = mask.first_key(i, e)                                         # keys before k0 are masked for all
         c = e - i
         qb = q5[:, :, :, i:e].reshape([b, nkv, g * c, hd])                # [b, nkv, g*c, hd]
-        sc = paddle.matmul(qb, kt[:, :, k0:n_keys], transpose_y=True).astype("float32")
+        kb, vb = _keys(kt, k0, n_keys), _keys(vt, k0, n_keys)              # [b, nkv, keys, hd]
+        sc = paddle.matmul(qb, kb, transpose_y=True).astype("float32")
         sc = sc.reshape([b, nkv, g, c, n_keys - k0])                      # [b, nkv, g, c, keys]
         if bias is not None:
             sc = sc + bias[:, :, :, i:e, k0:n_keys]
         elif c > 1:                                                       # plain causal: only the last c keys
             sc = sc + _causal_tail(c, n_keys)
         p = F.softmax(sc, axis=-1).astype(q.dtype).reshape([b, nkv, g * c, n_keys - k0])
-        outs.append(paddle.matmul(p, vt[:, :, k0:n_keys]).reshape([b, nkv, g, c, hd]))
+        outs.append(paddle.matmul(p, vb).reshape([b, nkv, g, c, hd]))
     out = paddle.concat(outs, axis=3) if len(outs) > 1 else outs[0]       # [b, nkv, g, s, hd]
     return out.transpose([0, 3, 1, 2, 4]).reshape([b, s, nh, hd])
+
+
+def _keys(x, k0: int, k1: int):
+    """Keys k0..k1 of [b, nkv, t, hd] as a contiguous tensor (a slice is a strided view; see above)."""
+    return x if (k0 == 0 and k1 == x.shape[2]) else x[:, :, k0:k1].contiguous()
 
 
 _TAILS: dict = {}
@@ -173,16 +181,17 @@ def _causal_tail(c: int, n_keys: int) -> paddle.Tensor:
     return _TAILS[key]
 
 
-def _repeat_kv(x, g):  # [b, t, nkv, hd] -> [b, t, nkv*g, hd]
+def _seq_major(x, g):  # [b, nkv, t, hd] -> [b, t, nkv*g, hd], each kv head repeated for its g query heads
+    b, nkv, t, hd = x.shape
+    x = x.transpose([0, 2, 1, 3])
     if g == 1:
         return x
-    b, t, nkv, hd = x.shape
     return x.unsqueeze(3).expand([b, t, nkv, g, hd]).reshape([b, t, nkv * g, hd])
 
 
 def _sdpa(q, k, v, mask: AttentionMask):
-    g = q.shape[2] // k.shape[2]
-    k, v = _repeat_kv(k, g), _repeat_kv(v, g)
+    g = q.shape[2] // k.shape[1]
+    k, v = _seq_major(k, g), _seq_major(v, g)
     if mask.plain_causal:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, training=False)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.allowed(), training=False)
@@ -190,6 +199,7 @@ def _sdpa(q, k, v, mask: AttentionMask):
 
 def _flash(q, k, v, mask: AttentionMask):  # GPU only; not run in CI (no GPU on these machines)
     from paddle.nn.functional.flash_attention import flash_attention, flashmask_attention
+    k, v = k.transpose([0, 2, 1, 3]), v.transpose([0, 2, 1, 3])        # flash wants [b, t, nkv, hd]
     if mask.doc_ids is None:
         out, _ = flash_attention(q, k, v, causal=True)
         return out

@@ -3,7 +3,8 @@ import paddle
 
 
 class KVCache:
-    """Keys/values per layer, each [b, t, nkv, hd]; `update` appends the new positions.
+    """Keys/values per layer, each [b, nkv, t, hd] (head-major: what the attention kernels read without
+    a transpose); `update` appends the new positions.
 
     Concatenation keeps this simple and exact; a paged or preallocated cache (ernie-serve)
     can replace it as long as it offers `update(layer, k, v)` and `seq_len`.
@@ -15,13 +16,13 @@ class KVCache:
 
     @property
     def seq_len(self) -> int:
-        return 0 if self.keys[0] is None else self.keys[0].shape[1]
+        return 0 if self.keys[0] is None else self.keys[0].shape[2]
 
     def update(self, layer: int, k: paddle.Tensor, v: paddle.Tensor) -> tuple[paddle.Tensor, paddle.Tensor]:
-        """Append k, v [b, s, nkv, hd] for `layer`; return all keys/values [b, t+s, nkv, hd]."""
+        """Append k, v [b, nkv, s, hd] for `layer`; return all keys/values [b, nkv, t+s, hd]."""
         if self.keys[layer] is not None:
-            k = paddle.concat([self.keys[layer], k], axis=1)
-            v = paddle.concat([self.values[layer], v], axis=1)
+            k = paddle.concat([self.keys[layer], k], axis=2)
+            v = paddle.concat([self.values[layer], v], axis=2)
         self.keys[layer], self.values[layer] = k, v
         return k, v
 

@@ -51,8 +51,10 @@ class Attention(nn.Layer):
         k = k.reshape([b, s, cfg.num_key_value_heads, cfg.head_dim])         # [b, s, nkv, hd]
         v = v.reshape([b, s, cfg.num_key_value_heads, cfg.head_dim])         # [b, s, nkv, hd]
         q, k = apply_rope(q, *rope["q"]), apply_rope(k, *rope["k"])
+        k = k.transpose([0, 2, 1, 3]).contiguous()                           # [b, nkv, s, hd]
+        v = v.transpose([0, 2, 1, 3]).contiguous()                           # [b, nkv, s, hd]
         if cache is not None:
-            k, v = cache.update(self.layer_idx, k, v)                        # [b, t, nkv, hd]
+            k, v = cache.update(self.layer_idx, k, v)                        # [b, nkv, t, hd]
         out = attention(q, k, v, mask)                                       # [b, s, nh, hd]
         return self.o_proj(out.reshape([b, s, cfg.q_size]))                  # [b, s, h]
 

@@ -51,14 +51,15 @@ def test_safe_prefix_holds_back_possible_stop_starts_and_partial_utf8():
 
 def test_batch_cache_merge_pads_left_and_keep_trims():
     c = BatchCache(1)
-    a = paddle.ones([1, 3, 1, 2])
-    b = paddle.full([2, 5, 1, 2], 2.0)
+    a = paddle.ones([1, 1, 3, 2])                    # [rows, nkv, positions, hd]: libernie's head-major cache
+    b = paddle.full([2, 1, 5, 2], 2.0)
     c.merge(type("C", (), {"keys": [a], "values": [a]})())
     c.merge(type("C", (), {"keys": [b], "values": [b]})())
     k = c.keys[0].numpy()
-    assert k.shape == (3, 5, 1, 2) and (k[0, :2] == 0).all() and (k[0, 2:] == 1).all() and (k[1:] == 2).all()
+    assert k.shape == (3, 1, 5, 2) and (k[0, :, :2] == 0).all() and (k[0, :, 2:] == 1).all() and (k[1:] == 2).all()
+    assert c.seq_len == 5
     c.keep([0], first_col=2)
-    assert c.keys[0].shape == [1, 3, 1, 2] and (c.keys[0].numpy() == 1).all()
+    assert c.keys[0].shape == [1, 1, 3, 2] and (c.keys[0].numpy() == 1).all()
 
 
 def test_rows_join_and_leave_without_changing_outputs(engine, ref_model, tok):

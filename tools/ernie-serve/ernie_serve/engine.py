@@ -24,6 +24,7 @@ from typing import Callable
 import numpy as np
 import paddle
 
+from libernie.model import KVCache
 from libernie.sampling import SamplingParams, sample
 
 log = logging.getLogger("ernie_serve")
@@ -87,31 +88,17 @@ class Request:
         return sum(len(s.ids) for s in self.seqs)
 
 
-class BatchCache:
-    """KV cache of the running batch: per layer [B, T, nkv, hd], left padded. Offers what the
-    model needs (`update`, `seq_len`) plus `merge` (new rows join) and `keep` (rows leave)."""
-
-    def __init__(self, num_layers: int):
-        self.keys: list = [None] * num_layers
-        self.values: list = [None] * num_layers
-
-    @property
-    def seq_len(self) -> int:
-        return 0 if self.keys[0] is None else self.keys[0].shape[1]
-
-    def update(self, layer, k, v):                        # k, v [B, s, nkv, hd] -> [B, T+s, nkv, hd]
-        if self.keys[layer] is not None:
-            k = paddle.concat([self.keys[layer], k], axis=1)
-            v = paddle.concat([self.values[layer], v], axis=1)
-        self.keys[layer], self.values[layer] = k, v
-        return k, v
+class BatchCache(KVCache):
+    """KV cache of the running batch: per layer [B, nkv, T, hd] (libernie's head-major layout), left
+    padded. Adds to what the model needs (`update`, `seq_len`) `merge` (new rows join) and `keep`
+    (rows leave)."""
 
     def merge(self, other) -> None:
-        """Append other's rows (any cache with keys/values [n, L, nkv, hd]), left padding the shorter."""
+        """Append other's rows (any cache with keys/values [n, nkv, L, hd]), left padding the shorter."""
         if self.keys[0] is None:
             self.keys, self.values = list(other.keys), list(other.values)
             return
-        t = max(self.seq_len, other.keys[0].shape[1])
+        t = max(self.seq_len, other.keys[0].shape[2])
         for store in ("keys", "values"):
             mine, theirs = getattr(self, store), getattr(other, store)
             setattr(self, store, [paddle.concat([_left_pad(a, t), _left_pad(b, t)], axis=0)
@@ -120,14 +107,15 @@ class BatchCache:
     def keep(self, rows: list[int], first_col: int) -> None:
         """Keep batch rows `rows` and columns from `first_col` on (columns before are padding for all)."""
         index = paddle.to_tensor(rows, dtype="int64")
-        for store in ("keys", "values"):
-            setattr(self, store, [paddle.gather(x, index)[:, first_col:] for x in getattr(self, store)])
+        for store in ("keys", "values"):  # contiguous: the attention kernel would copy a strided view every step
+            setattr(self, store, [paddle.gather(x, index)[:, :, first_col:].contiguous() for x in getattr(self, store)])
 
 
-def _left_pad(x, t):                                       # [n, L, nkv, hd] -> [n, t, nkv, hd]
-    if x.shape[1] == t:
+def _left_pad(x, t):                                       # [n, nkv, L, hd] -> [n, nkv, t, hd]
+    if x.shape[2] == t:
         return x
-    return paddle.concat([paddle.zeros([x.shape[0], t - x.shape[1], *x.shape[2:]], dtype=x.dtype), x], axis=1)
+    pad = paddle.zeros([x.shape[0], x.shape[1], t - x.shape[2], x.shape[3]], dtype=x.dtype)
+    return paddle.concat([pad, x], axis=2)
 
 
 class Engine:

@@ -183,3 +183,34 @@ def test_other_bad_inputs(data, pretrained, tmp_path):
     _expect_error(["pretrain", *base_args(data, pretrained[0])], "already holds checkpoints; pass --resume")
     r = run(["pretrain", "--max-steps", "x"])
     assert r.exit_code == 2
+
+
+def test_visualdl_scalars_follow_metrics_jsonl(data, tmp_path, monkeypatch):
+    """VisualDL is optional (not installed here); a stand-in with its LogWriter API records what we send."""
+    import types
+    calls = []
+
+    class LogWriter:
+        def __init__(self, logdir):
+            calls.append(("open", logdir))
+
+        def add_scalar(self, tag, value, step):
+            calls.append((tag, value, step))
+
+        def close(self):
+            calls.append(("close",))
+
+    monkeypatch.setitem(sys.modules, "visualdl", types.SimpleNamespace(LogWriter=LogWriter))
+    r = run(["pretrain", *base_args(data, tmp_path / "o", **{"--max-steps": "2", "--save-steps": "0",
+                                                           "--visualdl-logdir": str(tmp_path / "vdl")}), "-q"])
+    assert r.exit_code == 0, r.output
+    assert calls[0] == ("open", str(tmp_path / "vdl")) and calls[-1] == ("close",)
+    recs = [json.loads(x) for x in open(tmp_path / "o" / "metrics.jsonl")]
+    assert [(t, v, s) for t, v, s in calls[1:-1] if t == "loss"] == [("loss", r["loss"], r["step"]) for r in recs]
+
+
+def test_visualdl_missing_is_a_one_line_error(data, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "visualdl", None)  # import visualdl -> ImportError
+    _expect_error(["pretrain", *base_args(data, tmp_path / "o", **{"--visualdl-logdir": str(tmp_path / "v")})],
+                  "pip install visualdl")
+    assert not (tmp_path / "o").exists()

@@ -170,6 +170,11 @@ def evaluate(head, ds, cfg, seq_len, info) -> dict:
 def train(cfg: TrainConfig, on_log=None) -> dict:
     """Run the job described by cfg; returns the JSON summary. on_log(record) sees every metrics line."""
     cfg.validate()
+    if cfg.visualdl_logdir:  # fail before any work or output, not at the first log line
+        try:
+            import visualdl  # noqa: F401
+        except ImportError:
+            raise TrainConfigError("--visualdl-logdir needs VisualDL: pip install visualdl") from None
     info = dist.init()
     t_start = time.perf_counter()
     ds = _open_data(cfg.data, cfg.mode, cfg.verify_data)

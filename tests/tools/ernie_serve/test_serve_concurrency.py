@@ -110,20 +110,25 @@ def test_bf16_paddle_checkpoint_serves_like_generate(small_server, ckpt_bf16_pad
     assert r.json()["model"] == "tiny-paddle-bf16"
 
 
+def _one_more_abort(server, before):
+    """Poll /metrics until one more sequence finished as aborted; check the slot is free. Returns the metrics."""
+    aborted = metric(before, "ernie_serve_sequences_finished_total", finish_reason="abort")
+    for _ in range(100):
+        after = server.metrics()
+        if metric(after, "ernie_serve_sequences_finished_total", finish_reason="abort") > aborted:
+            break
+        time.sleep(0.05)
+    assert metric(after, "ernie_serve_sequences_finished_total", finish_reason="abort") == aborted + 1
+    assert metric(after, "ernie_serve_num_requests_running") == 0
+    return after
+
+
 def test_disconnect_mid_stream_frees_the_slot(server):
     before = server.metrics()
     body = {"prompt": "keep going", "max_tokens": 480, "ignore_eos": True, "stream": True}
     with httpx.stream("POST", server.url + "/v1/completions", json=body, headers=server.headers, timeout=30) as r:
         next(r.iter_lines())                                           # one chunk, then hang up
-    for _ in range(100):
-        after = server.metrics()
-        if metric(after, "ernie_serve_sequences_finished_total", finish_reason="abort") > \
-                metric(before, "ernie_serve_sequences_finished_total", finish_reason="abort"):
-            break
-        time.sleep(0.05)
-    assert metric(after, "ernie_serve_sequences_finished_total", finish_reason="abort") == \
-        metric(before, "ernie_serve_sequences_finished_total", finish_reason="abort") + 1
-    assert metric(after, "ernie_serve_num_requests_running") == 0
+    after = _one_more_abort(server, before)
     generated = metric(after, "ernie_serve_generation_tokens_total") - metric(before, "ernie_serve_generation_tokens_total")
     assert generated < 480
 
@@ -184,12 +189,4 @@ def test_disconnect_while_waiting_for_a_whole_response_frees_the_slot(server):
     body = {"prompt": "keep going", "max_tokens": 480, "ignore_eos": True}
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(server.url + "/v1/completions", json=body, headers=server.headers, timeout=0.3)
-    for _ in range(100):
-        after = server.metrics()
-        if metric(after, "ernie_serve_sequences_finished_total", finish_reason="abort") > \
-                metric(before, "ernie_serve_sequences_finished_total", finish_reason="abort"):
-            break
-        time.sleep(0.05)
-    assert metric(after, "ernie_serve_sequences_finished_total", finish_reason="abort") == \
-        metric(before, "ernie_serve_sequences_finished_total", finish_reason="abort") + 1
-    assert metric(after, "ernie_serve_num_requests_running") == 0
+    after = _one_more_abort(server, before)

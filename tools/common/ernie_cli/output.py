@@ -66,10 +66,11 @@ class Progress:
         label: what is running (e.g. "ernie-pack sft").
         quiet: print nothing.
         every: seconds between plain lines when stderr is not a terminal (default 10).
+        unit: what the first counter counts (default "docs"; ernie-train counts "steps").
     """
 
-    def __init__(self, label: str, quiet: bool = False, every: float = 10.0):
-        self.label, self.quiet, self.every = label, quiet, every
+    def __init__(self, label: str, quiet: bool = False, every: float = 10.0, unit: str = "docs"):
+        self.label, self.quiet, self.every, self.unit = label, quiet, every, unit
         self.tty = sys.stderr.isatty()
         self.start = self.last = time.perf_counter()
         self.docs = self.tokens = 0
@@ -106,7 +107,7 @@ class Progress:
 
     def _stats(self) -> str:
         dt = max(time.perf_counter() - self.start, 1e-9)
-        return (f"{self.docs:,} docs  {self.tokens:,} tokens  {self.docs / dt:,.0f} docs/s  "
+        return (f"{self.docs:,} {self.unit}  {self.tokens:,} tokens  {self.docs / dt:,.1f} {self.unit}/s  "
                 f"{self.tokens / dt:,.0f} tokens/s")
 
     def _line(self, tail: str) -> None:

@@ -65,9 +65,9 @@ def _command(mode: str):
                     if ctx.get_parameter_source(k) in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)}
         cfg = resolve(mode, load_yaml(config_file) if config_file else {}, explicit)
         from ernie_train.trainer import train  # paddle loads only when a run starts, not for --help
-        with Progress(f"ernie-train {mode}", quiet=quiet) as progress:
+        with Progress(f"ernie-train {mode}", quiet=quiet, unit="steps") as progress:
             def on_log(rec):
-                progress.label = (f"ernie-train {mode} step {rec['step']}/{cfg.max_steps} loss {rec['loss']:.4f} "
+                progress.label = (f"ernie-train {mode} {rec['step']}/{cfg.max_steps} loss {rec['loss']:.4f} "
                                   f"lr {rec['lr']:.2e}")
                 progress.update(rec["step"], rec["tokens_seen"])
             summary = train(cfg, on_log=on_log)

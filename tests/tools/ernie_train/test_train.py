@@ -214,3 +214,14 @@ def test_visualdl_missing_is_a_one_line_error(data, tmp_path, monkeypatch):
     _expect_error(["pretrain", *base_args(data, tmp_path / "o", **{"--visualdl-logdir": str(tmp_path / "v")})],
                   "pip install visualdl")
     assert not (tmp_path / "o").exists()
+
+
+def test_lora_runs_are_reproducible_from_the_seed(pretrained, data, tmp_path):
+    base = str(pretrained[0] / "checkpoint-00000006")
+    args = ["sft", "--data", data["sft"], "--model", base, "--lora", "--max-steps", "2", "--logging-steps", "1",
+            "--learning-rate", "5e-3", "-q"]
+    for name in ("a", "b"):
+        assert run([*args, "-o", str(tmp_path / name)]).exit_code == 0
+    assert run([*args, "-o", str(tmp_path / "c"), "--seed", "7"]).exit_code == 0
+    assert losses(tmp_path / "a") == losses(tmp_path / "b")       # LoRA's random A comes from --seed
+    assert losses(tmp_path / "a")[1] != losses(tmp_path / "c")[1]

@@ -98,6 +98,7 @@ def _init_config(spec: str, tok_dir: str | None) -> ErnieConfig:
 
 
 def _build_model(cfg: TrainConfig, resume_dir: str | None, tok_dir: str | None):
+    paddle.seed(cfg.seed)  # every random init (a model from scratch, LoRA's A matrices) follows --seed
     lora_cfg = None
     if cfg.lora:
         model = ErnieForCausalLM.from_pretrained(cfg.model, adapter=resume_dir)
@@ -114,7 +115,6 @@ def _build_model(cfg: TrainConfig, resume_dir: str | None, tok_dir: str | None):
     elif cfg.model:
         model = ErnieForCausalLM.from_pretrained(cfg.model)
     else:
-        paddle.seed(cfg.seed)
         model = ErnieForCausalLM(_init_config(cfg.init_config, tok_dir))
     model.train()
     return model, lora_cfg

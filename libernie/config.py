@@ -75,6 +75,7 @@ class ErnieConfig:
         d = dict(d)
         known = {f.name for f in dataclasses.fields(cls)} - {"extra", "source_keys"}
         kwargs = {k: d.pop(k) for k in list(d) if k in known}
+        present = frozenset(kwargs)  # the keys the file itself had, before anything is derived
         rope = d.get("rope_parameters")  # transformers >= 5 nests rope_theta here
         if isinstance(rope, dict):
             if rope.get("rope_type", "default") != "default":
@@ -93,7 +94,7 @@ class ErnieConfig:
         if kwargs.get("pad_token_id") is None:
             kwargs["pad_token_id"] = 0
         try:
-            return cls(**kwargs, extra=d, source_keys=frozenset(kwargs))
+            return cls(**kwargs, extra=d, source_keys=present)
         except TypeError as e:
             raise ConfigError(f"config: {e}") from None
 
@@ -108,15 +109,14 @@ class ErnieConfig:
                 out[k] = lst
         if isinstance(extra.get("rope_parameters"), dict):
             extra["rope_parameters"] = {**extra["rope_parameters"], "rope_theta": self.rope_theta}
-            if "_rope_theta_top_level" not in extra:
+            if "rope_theta" not in self.source_keys:
                 del out["rope_theta"]  # transformers 5 style: theta lives only in rope_parameters
-        extra.pop("_rope_theta_top_level", None)
         if self.compression_ratio == 1.0 and "compression_ratio" not in self.source_keys:
             del out["compression_ratio"]  # Paddle-only key; transformers has no use for it
         if self.source_keys:  # loaded from a file: add no key it lacked unless its value changed
             defaults = ErnieConfig.__dataclass_fields__
             for k in [k for k in out if k not in self.source_keys and k in defaults]:
-                if out[k] == defaults[k].default and k != "rope_theta":
+                if out[k] == defaults[k].default:
                     del out[k]
         out.update(extra)
         out.setdefault("model_type", "ernie4_5")
@@ -143,8 +143,6 @@ class ErnieConfig:
         mt = d.get("model_type", "ernie4_5")
         if mt != "ernie4_5":
             raise ConfigError(f"{path}: model_type {mt!r} is not supported yet; expected 'ernie4_5'")
-        if "rope_parameters" in d and "rope_theta" in d:
-            d["_rope_theta_top_level"] = True
         try:
             return cls.from_dict(d)
         except ConfigError as e:

@@ -43,7 +43,8 @@ def generate(model, prompts, max_new_tokens: int = 32, temperature: float = 0.0,
         logits = logits.astype("float32").numpy()            # [active, V]
         nxt, keep = [], []
         for row, i in enumerate(active):
-            seen = np.concatenate([np.asarray(prompts[i]), np.asarray(outs[i], dtype=np.int64)])
+            seen = (np.concatenate([np.asarray(prompts[i]), np.asarray(outs[i], dtype=np.int64)])
+                    if repetition_penalty != 1.0 else None)    # only the penalty needs the history
             tok = sample(logits[row], params, rngs[i], seen=seen)
             outs[i].append(tok)
             if tok not in stops:

@@ -102,7 +102,7 @@ class _ModelSource:
 
     def get(self, name):
         p = self.params[name]
-        if p.dtype.name.lower() in ("bfloat16", "bf16") or "bfloat16" in str(p.dtype):
+        if "bfloat16" in str(p.dtype):  # numpy has no bf16: widen exactly, then store the bits
             return from_float32(p.astype("float32").numpy(), "BF16"), "BF16"
         arr = p.numpy()
         tag = {np.float32: "F32", np.float16: "F16"}.get(arr.dtype.type)

@@ -9,7 +9,6 @@ for experts, the router and its bias; nothing else here has to change.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 
@@ -92,5 +91,3 @@ def to_paddle(rule: Rule, arrs: list[np.ndarray]) -> np.ndarray:
         return np.concatenate([a.T for a in arrs], axis=1)
     return np.concatenate(arrs, axis=0)
 
-
-CONVERTERS: dict[str, Callable] = {"hf": to_hf, "paddle": to_paddle}

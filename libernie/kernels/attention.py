@@ -29,6 +29,7 @@ class AttentionMask:
 
     def __init__(self, q_len: int, k_len: int, doc_ids=None, key_padding=None):
         self.q_len, self.k_len, self.doc_ids = q_len, k_len, doc_ids
+        self.has_padding = key_padding is not None
         self.plain_causal = doc_ids is None and key_padding is None and q_len == k_len
         self._bool = None if self.plain_causal else _allowed(q_len, k_len, doc_ids, key_padding)
         self._bias = None
@@ -91,13 +92,9 @@ def attention_backend(q: paddle.Tensor, mask: AttentionMask | None = None) -> st
     if on_gpu(q):
         half = q.dtype in (paddle.float16, paddle.bfloat16)
         flashable = mask is None or mask.plain_causal or (mask.doc_ids is not None and mask.q_len == mask.k_len
-                                                          and not _has_padding(mask))
+                                                          and not mask.has_padding)
         return "flash" if half and flashable else "sdpa"
     return "blocked"
-
-
-def _has_padding(mask):
-    return mask._bool is not None and mask.doc_ids is None
 
 
 def attention(q, k, v, mask: AttentionMask | None = None, *, backend: str | None = None) -> paddle.Tensor:

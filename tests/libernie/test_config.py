@@ -55,3 +55,12 @@ def test_missing_and_broken_config(tmp_path):
     (tmp_path / "config.json").write_text("{nope")
     with pytest.raises(ConfigError, match="invalid JSON"):
         ErnieConfig.from_file(tmp_path)
+
+
+def test_both_rope_spellings_are_written_back_when_both_were_there(tmp_path):
+    d = {**PUBLISHED_PADDLE, "rope_parameters": {"rope_theta": 500000, "rope_type": "default"}}
+    (tmp_path / "config.json").write_text(json.dumps(d))
+    cfg = ErnieConfig.from_file(tmp_path)
+    cfg.rope_theta = 10000.0
+    out = cfg.to_dict()
+    assert out["rope_theta"] == 10000.0 and out["rope_parameters"]["rope_theta"] == 10000.0

@@ -91,3 +91,14 @@ def test_blocked_kernel_skips_keys_before_the_blocks_documents():
     k, v = (paddle.to_tensor(rng.normal(size=(2, 2, s, 8)).astype(np.float32)) for _ in range(2))
     np.testing.assert_allclose(attention_blocked(q, k, v, mask, block=16).numpy(),
                                attention_reference(q, k, v, mask).numpy(), atol=2e-6)
+
+
+def test_gpu_dispatch_never_sends_padded_batches_to_flash(monkeypatch):
+    import sys
+    monkeypatch.setattr(sys.modules["libernie.kernels.attention"], "on_gpu", lambda x=None: True)
+    q = paddle.zeros([1, 4, 2, 8], dtype="bfloat16")
+    docs = paddle.to_tensor([[0, 0, 1, 1]])
+    assert attention_backend(q, build_attention_mask(4, 4, doc_ids=docs)) == "flash"       # FlashMask
+    padded = build_attention_mask(4, 4, doc_ids=docs, key_padding=paddle.to_tensor([[0, 1, 1, 1]]))
+    assert attention_backend(q, padded) == "sdpa"                                        # flash would ignore padding
+    assert attention_backend(q.astype("float32"), build_attention_mask(4, 4)) == "sdpa"  # flash is half precision only

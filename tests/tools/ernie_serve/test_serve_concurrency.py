@@ -189,4 +189,4 @@ def test_disconnect_while_waiting_for_a_whole_response_frees_the_slot(server):
     body = {"prompt": "keep going", "max_tokens": 480, "ignore_eos": True}
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(server.url + "/v1/completions", json=body, headers=server.headers, timeout=0.3)
-    after = _one_more_abort(server, before)
+    _one_more_abort(server, before)

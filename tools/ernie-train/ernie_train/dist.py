@@ -8,7 +8,6 @@ paddle.distributed.init_parallel_env() build the process group (gloo on CPU, NCC
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 from dataclasses import dataclass
 

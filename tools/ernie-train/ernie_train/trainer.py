@@ -14,15 +14,13 @@ import os
 import signal
 import time
 
-import numpy as np
 import paddle
 import paddle.nn as nn
 
 from libernie.config import PRESETS, ErnieConfig
 from libernie.data import PackedDataset
-from libernie.errors import ErnieError
 from libernie.kernels import on_gpu
-from libernie.lora import LoRAConfig, apply_lora
+from libernie.lora import LoRAConfig, apply_lora, load_adapter
 from libernie.model import ErnieForCausalLM, causal_lm_loss
 from libernie.tokenizer import ErnieTokenizer
 
@@ -101,15 +99,14 @@ def _build_model(cfg: TrainConfig, resume_dir: str | None, tok_dir: str | None):
     paddle.seed(cfg.seed)  # every random init (a model from scratch, LoRA's A matrices) follows --seed
     lora_cfg = None
     if cfg.lora:
-        model = ErnieForCausalLM.from_pretrained(cfg.model, adapter=resume_dir)
+        model = ErnieForCausalLM.from_pretrained(cfg.model)
         if resume_dir is None:
             lora_cfg = LoRAConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, use_rslora=cfg.rslora,
                                   lora_dropout=cfg.lora_dropout,
                                   target_modules=tuple(t.strip() for t in cfg.lora_target_modules.split(",") if t))
             apply_lora(model, lora_cfg)
         else:
-            from libernie.lora import read_adapter
-            lora_cfg = read_adapter(resume_dir)[0]
+            lora_cfg = load_adapter(model, resume_dir)
     elif resume_dir is not None:
         model = ErnieForCausalLM.from_pretrained(resume_dir)
     elif cfg.model:
@@ -212,7 +209,7 @@ def train(cfg: TrainConfig, on_log=None) -> dict:
             json.dump(cfg.to_dict(), f, indent=2)
     log = MetricsLog(cfg.output_dir, start_step, cfg.visualdl_logdir) if info.is_main else None
     flops_tok = train_flops_per_token(model.config, seq_len)
-    last = {"loss": None}
+    final_loss = None
     ckpt_path, stopped, eval_metrics = resume_dir, None, {}
     t_log, tok_log, done = time.perf_counter(), 0, start_step
 
@@ -255,7 +252,7 @@ def train(cfg: TrainConfig, on_log=None) -> dict:
             loss = dist.all_reduce_sum([loss_sum], info)[0] / max(n_global, 1.0)
             tokens_seen += int(tok_global)
             tok_log += int(tok_global)
-            last["loss"] = loss
+            final_loss = loss
             done = step + 1
             flag = dist.all_reduce_sum([1.0 if stop.signal else 0.0], info)[0] > 0
             if eval_ds is not None and cfg.eval_steps and done % cfg.eval_steps == 0:
@@ -285,6 +282,6 @@ def train(cfg: TrainConfig, on_log=None) -> dict:
         log.close()
     seconds = time.perf_counter() - t_start
     return {"mode": cfg.mode, "steps": done, "start_step": start_step,
-            "final_loss": last["loss"], **eval_metrics, "tokens_seen": tokens_seen, "seconds": round(seconds, 3),
+            "final_loss": final_loss, **eval_metrics, "tokens_seen": tokens_seen, "seconds": round(seconds, 3),
             "checkpoint": ckpt_path, "output_dir": cfg.output_dir, "stopped": stopped,
             "world_size": info.world_size, "lora": cfg.lora, "config": cfg.to_dict()}

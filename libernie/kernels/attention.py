@@ -19,19 +19,25 @@ import paddle.nn.functional as F
 
 from libernie.kernels.dispatch import on_gpu
 
+# Segment roles of packed DPO pairs (libernie.data.shard; kept here so kernels need not import data).
+ROLE_CHOSEN, ROLE_REJECTED = 2, 3
 BACKENDS = ("flash", "blocked", "sdpa", "reference")
 BLOCK = 64  # query rows per block in the CPU kernel: small enough for the scores to stay in cache
 
 
 class AttentionMask:
-    """Causal attention, optionally restricted to each document (doc_ids [b, s]) and to real keys
-    (key_padding [b, t]: 1 real, 0 left padding). `allowed` is None for plain causal with no cache."""
+    """Causal attention, optionally restricted to each document (doc_ids [b, s]), to real keys
+    (key_padding [b, t]: 1 real, 0 left padding) and by the DPO rule (roles [b, s], the shard role
+    codes of docs/formats/shards.md: a REJECTED query never sees a CHOSEN key).
+    `allowed` is None for plain causal with no cache."""
 
-    def __init__(self, q_len: int, k_len: int, doc_ids=None, key_padding=None):
-        self.q_len, self.k_len, self.doc_ids = q_len, k_len, doc_ids
+    def __init__(self, q_len: int, k_len: int, doc_ids=None, key_padding=None, roles=None):
+        if roles is not None and doc_ids is None:
+            raise ValueError("roles (the DPO rule) needs doc_ids: a pair is one packed document")
+        self.q_len, self.k_len, self.doc_ids, self.roles = q_len, k_len, doc_ids, roles
         self.has_padding = key_padding is not None
         self.plain_causal = doc_ids is None and key_padding is None and q_len == k_len
-        self._bool = None if self.plain_causal else _allowed(q_len, k_len, doc_ids, key_padding)
+        self._bool = None if self.plain_causal else _allowed(q_len, k_len, doc_ids, key_padding, roles)
         self._bias = None
 
     def first_key(self, i: int, e: int) -> int:
@@ -61,7 +67,7 @@ class AttentionMask:
         return self._bias
 
 
-def _allowed(q_len, k_len, doc_ids, key_padding):
+def _allowed(q_len, k_len, doc_ids, key_padding, roles=None):
     offset = k_len - q_len
     rows = paddle.arange(q_len, dtype="int64").unsqueeze(1) + offset      # [s, 1]
     cols = paddle.arange(k_len, dtype="int64").unsqueeze(0)               # [1, t]
@@ -70,6 +76,10 @@ def _allowed(q_len, k_len, doc_ids, key_padding):
         if q_len != k_len:
             raise ValueError("doc_ids can only be combined with a full forward, not a KV cache")
         mask = mask & (doc_ids.unsqueeze(2) == doc_ids.unsqueeze(1)).unsqueeze(1)   # [b, 1, s, t]
+    if roles is not None:                                                  # rejected never sees chosen
+        rej = (roles == ROLE_REJECTED).unsqueeze(2)                        # [b, s, 1]
+        cho = (roles == ROLE_CHOSEN).unsqueeze(1)                          # [b, 1, t]
+        mask = mask & ~(rej & cho).unsqueeze(1)                            # [b, 1, s, t]
     if key_padding is not None:
         mask = mask & key_padding.astype("bool").unsqueeze(1).unsqueeze(1)          # [b, 1, 1, t]
         # A padding query would attend to nothing and softmax would give NaN, which then leaks
@@ -78,8 +88,8 @@ def _allowed(q_len, k_len, doc_ids, key_padding):
     return mask
 
 
-def build_attention_mask(q_len: int, k_len: int, *, doc_ids=None, key_padding=None) -> AttentionMask:
-    return AttentionMask(q_len, k_len, doc_ids, key_padding)
+def build_attention_mask(q_len: int, k_len: int, *, doc_ids=None, key_padding=None, roles=None) -> AttentionMask:
+    return AttentionMask(q_len, k_len, doc_ids, key_padding, roles)
 
 
 def attention_backend(q: paddle.Tensor, mask: AttentionMask | None = None) -> str:
@@ -207,4 +217,8 @@ def _flash(q, k, v, mask: AttentionMask):  # GPU only; not run in CI (no GPU on 
     last = paddle.concat([doc[:, 1:] != doc[:, :-1], paddle.ones([b, 1], dtype="bool")], axis=1)
     ends = paddle.where(last, pos + 1, paddle.full_like(pos, s))
     ends = paddle.flip(paddle.cummin(paddle.flip(ends, [1]), axis=1)[0], [1])   # end of each token's doc
+    if mask.roles is not None:  # a chosen key is hidden from the first rejected row on (rejected follows chosen)
+        rej = paddle.where(mask.roles == ROLE_REJECTED, pos, paddle.full_like(pos, s))
+        first_rej = paddle.flip(paddle.cummin(paddle.flip(rej, [1]), axis=1)[0], [1])  # next rejected row
+        ends = paddle.where(mask.roles == ROLE_CHOSEN, paddle.minimum(ends, first_rej), ends)
     return flashmask_attention(q, k, v, startend_row_indices=ends.unsqueeze(1).unsqueeze(-1), causal=True)

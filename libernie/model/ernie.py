@@ -107,10 +107,12 @@ class ErnieModel(nn.Layer):
         self.layers = nn.LayerList([DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers)])
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, input_ids, position_ids=None, doc_ids=None, attention_mask=None, cache=None):
+    def forward(self, input_ids, position_ids=None, doc_ids=None, attention_mask=None, cache=None, roles=None):
         """input_ids [b, s] -> final hidden states [b, s, h].
 
         doc_ids [b, s]: packed documents; attention stays inside each, positions restart.
+        roles [b, s]: shard segment roles of packed DPO pairs; a rejected token never sees chosen ones
+        (pass position_ids too: rejected positions restart at the prompt's end).
         attention_mask [b, t]: 1 on real tokens, 0 on (left) padding, over cached + new tokens.
         cache: a KVCache to read and extend (incremental decoding).
         """
@@ -125,7 +127,7 @@ class ErnieModel(nn.Layer):
                       sin.expand([b, s, cfg.num_attention_heads, cfg.head_dim])),
                 "k": (cos.expand([b, s, cfg.num_key_value_heads, cfg.head_dim]),
                       sin.expand([b, s, cfg.num_key_value_heads, cfg.head_dim]))}
-        mask = build_attention_mask(s, past + s, doc_ids=doc_ids, key_padding=attention_mask)
+        mask = build_attention_mask(s, past + s, doc_ids=doc_ids, key_padding=attention_mask, roles=roles)
         x = self.embed_tokens(input_ids)                                     # [b, s, h]
         for layer in self.layers:
             x = layer(x, rope, mask, cache)
@@ -149,13 +151,14 @@ class ErnieForCausalLM(nn.Layer):
                 initializer=nn.initializer.Normal(std=cfg.initializer_range)))
 
     def forward(self, input_ids, labels=None, loss_mask=None, position_ids=None, doc_ids=None,
-                attention_mask=None, cache: KVCache | None = None, logits_to_keep: int = 0) -> CausalLMOutput:
+                attention_mask=None, cache: KVCache | None = None, logits_to_keep: int = 0,
+                roles=None) -> CausalLMOutput:
         """input_ids [b, s] -> CausalLMOutput(logits [b, s, V], loss if labels given, cache).
 
         labels [b, s] are aligned with input_ids (shifted inside); loss_mask [b, s] selects targets.
         logits_to_keep=k computes logits for the last k positions only (decoding).
         """
-        h = self.ernie(input_ids, position_ids, doc_ids, attention_mask, cache)  # [b, s, h]
+        h = self.ernie(input_ids, position_ids, doc_ids, attention_mask, cache, roles)  # [b, s, h]
         if logits_to_keep:
             h = h[:, -logits_to_keep:]
         logits = self.logits(h)

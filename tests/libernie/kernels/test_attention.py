@@ -102,3 +102,38 @@ def test_gpu_dispatch_never_sends_padded_batches_to_flash(monkeypatch):
     padded = build_attention_mask(4, 4, doc_ids=docs, key_padding=paddle.to_tensor([[0, 1, 1, 1]]))
     assert attention_backend(q, padded) == "sdpa"                                        # flash would ignore padding
     assert attention_backend(q.astype("float32"), build_attention_mask(4, 4)) == "sdpa"  # flash is half precision only
+
+
+def test_dpo_rule_rejected_never_sees_chosen_in_every_backend():
+    """Packed prompt|chosen|rejected pairs: the mask equals libernie.data.attention_mask (the dense
+    reference of docs/formats/shards.md), and every CPU backend agrees with numpy under it."""
+    from libernie.data.dataset import attention_mask
+    from libernie.kernels.attention import attention_blocked
+    # two pairs in one row: P P C C R R R | P C C R ; then padding
+    roles = np.array([[1, 1, 2, 2, 3, 3, 3, 1, 2, 2, 3, 0, 0]])
+    doc = np.array([[0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, -1, -1]])
+    s = roles.shape[1]
+    want = _dense_rule(doc[0], roles[0], attention_mask)
+    mask = build_attention_mask(s, s, doc_ids=paddle.to_tensor(doc), roles=paddle.to_tensor(roles))
+    got = mask.allowed().numpy()[0, 0]
+    real = doc[0] >= 0
+    np.testing.assert_array_equal(got[np.ix_(real, real)], want[np.ix_(real, real)])
+    assert not got[4, 2] and not got[6, 3] and got[4, 1] and got[10, 7] and not got[10, 8]
+    rng = np.random.default_rng(7)
+    q = rng.normal(size=(1, s, 4, 8)).astype(np.float32)
+    k, v = (rng.normal(size=(1, s, 2, 8)).astype(np.float32) for _ in range(2))
+    expect = _numpy_attention(q, k, v, got[None])
+    kh, vh = (paddle.to_tensor(a.transpose(0, 2, 1, 3).copy()) for a in (k, v))
+    for backend in ("reference", "blocked", "sdpa"):
+        out = attention(paddle.to_tensor(q), kh, vh, mask, backend=backend).numpy()
+        np.testing.assert_allclose(out[:, real], expect[:, real], atol=2e-6, err_msg=backend)
+    out = attention_blocked(paddle.to_tensor(q), kh, vh, mask, block=3).numpy()
+    np.testing.assert_allclose(out[:, real], expect[:, real], atol=2e-6)
+
+
+def _dense_rule(doc, roles, attention_mask):
+    class _S:  # the two fields the dense reference reads
+        pass
+    smp = _S()
+    smp.doc_ids, smp.roles = doc, roles
+    return attention_mask(smp)

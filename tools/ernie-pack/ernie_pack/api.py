@@ -13,6 +13,7 @@ import orjson
 
 from libernie.data.sources import parse_split
 from libernie.errors import PackError
+from libernie.paths import check_writable
 
 MODES = ("pretrain", "sft", "dpo")
 
@@ -39,6 +40,9 @@ class PackOptions:
         seed: seed of the split hash (default 0).
         weights: one positive weight per input for interleaving them (default equal).
         skip_bad: count and skip bad records instead of stopping at the first one.
+        allow_empty: write an empty dataset (manifest with no shards) when the input holds no record;
+            without it, zero records (an empty file, only blank lines, every record skipped) is an error
+            and nothing is written.
         resume: continue an interrupted run from its checkpoint (PREFIX.pack-state).
         chunk_records: records per unit of work (default 512); part of the checkpoint, not of the output.
     """
@@ -59,6 +63,7 @@ class PackOptions:
     seed: int = 0
     weights: list[float] | None = None
     skip_bad: bool = False
+    allow_empty: bool = False
     resume: bool = False
     chunk_records: int = 512
 
@@ -91,7 +96,7 @@ class PackOptions:
     def recorded(self) -> dict:
         """The options that decide the output bytes (written into each manifest; workers/resume excluded)."""
         d = asdict(self)
-        for k in ("workers", "resume", "chunk_records"):
+        for k in ("workers", "resume", "chunk_records", "allow_empty"):
             d.pop(k)
         d["inputs"] = list(self.inputs) or ["-"]
         return d
@@ -131,6 +136,7 @@ def pack(options: PackOptions, progress: ProgressFn | None = None) -> PackSummar
     from ernie_pack.run import PackRun  # keeps `ernie-pack --help` from importing numpy and sentencepiece
 
     options.check()
+    check_writable(options.output)  # before the tokenizer or any input is read: a typo fails in seconds
     return PackRun(options, progress).run()
 
 

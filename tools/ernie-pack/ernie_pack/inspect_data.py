@@ -24,7 +24,7 @@ def inspect_dataset(prefix: str, index: int | None = 0, verify: bool = False, to
     out = {"prefix": str(prefix), "mode": m.mode, "seq_len": m.seq_len, "dtype": m.dtype, "sequences": len(ds),
            "counts": m.counts, "packing_efficiency": m.packing_efficiency, "skipped": m.skipped,
            "shards": len(m.shards), "verified": verify}
-    if index is None:
+    if index is None or len(ds) == 0:  # an empty dataset (ernie-pack --allow-empty): its stats say so
         return out
     if not -len(ds) <= index < len(ds):
         raise PackError(f"{ds.path}: sequence {index} out of range, the dataset has {len(ds)}; pick 0..{len(ds) - 1}")

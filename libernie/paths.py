@@ -13,13 +13,14 @@ from pathlib import Path
 from libernie.errors import OutputPathError
 
 
-def check_writable(path, *, is_dir: bool = False) -> Path:
+def check_writable(path, *, is_dir: bool = False, prefix: bool = False) -> Path:
     """Raise OutputPathError unless `path` can be created (with any missing parents) and written.
 
     Args:
-        path: an output file, a directory (is_dir=True), or a file prefix such as ernie-pack's `out/train`
-            (checked as a file: its files go next to it). "-" (stdout) always passes.
+        path: an output file, a directory (is_dir=True), or a file prefix (prefix=True) such as ernie-pack's
+            `out/train`, whose files (out/train.json, out/train-00000.npy) go next to it. "-" (stdout) passes.
         is_dir: the tool writes a directory at `path` (created if missing).
+        prefix: `path` only names files beside it, so it may also be an existing directory's name.
     Returns the path (expanded). Creates nothing that stays: the probe file is removed at once.
     """
     if str(path) == "-":
@@ -28,7 +29,7 @@ def check_writable(path, *, is_dir: bool = False) -> Path:
     if p.exists() or p.is_symlink():
         if is_dir and not p.is_dir():
             raise OutputPathError(f"{path}: exists and is not a directory; choose another output directory")
-        if not is_dir and p.is_dir():
+        if not is_dir and not prefix and p.is_dir():
             raise OutputPathError(f"{path}: is a directory; pass a file path (or prefix) inside it")
     holder = p if is_dir else p.parent                 # the directory the output lives in
     ancestor = holder

@@ -117,6 +117,7 @@ def test_wrong_tokenizer_and_missing_input_exit_1(tmp_path, tokenizer_path):
     (["pretrain", "--tokenizer", "t", "--seq-len", "64", "-o", "x", "--policy", "best"], "--policy"),
     (["pretrain", "--tokenizer", "t", "--seq-len", "64", "-o", "x", "--weights", "1,2", "a"], "--weights"),
     (["sft", "--tokenizer", "t", "--seq-len", "64", "-o", "x", "--split", "1,x"], "--split"),
+    (["pretrain", "--tokenizer", "t", "--seq-len", "64", "-o", "-"], "shards cannot go to stdout"),
 ])
 def test_usage_errors_exit_2(args, message):
     r = invoke(*args)

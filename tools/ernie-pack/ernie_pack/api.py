@@ -70,6 +70,8 @@ class PackOptions:
     def check(self) -> None:
         """Raise PackError for options that cannot work together (the CLI maps it to a usage error)."""
         problems = []
+        if self.output in ("", "-"):
+            problems.append("-o needs a file prefix such as data/train; shards cannot go to stdout")
         if self.mode not in MODES:
             problems.append(f"mode {self.mode!r} is not one of {', '.join(MODES)}")
         if self.seq_len < 2 or self.seq_len >= 2**32:
@@ -136,7 +138,7 @@ def pack(options: PackOptions, progress: ProgressFn | None = None) -> PackSummar
     from ernie_pack.run import PackRun  # keeps `ernie-pack --help` from importing numpy and sentencepiece
 
     options.check()
-    check_writable(options.output)  # before the tokenizer or any input is read: a typo fails in seconds
+    check_writable(options.output, prefix=True)  # before the tokenizer or any input is read: a typo fails in seconds
     return PackRun(options, progress).run()
 
 

@@ -1,0 +1,36 @@
+"""ernie-serve follows the one --tokenizer rule: a directory or a .model file of any name."""
+import shutil
+
+import pytest
+from click.testing import CliRunner
+
+from ernie_serve.cli import serve_cmd as main
+from serve_testlib import Server
+
+
+def _without_tokenizer(ckpt, d):
+    shutil.copytree(ckpt, d)
+    for f in ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json"):
+        (d / f).unlink(missing_ok=True)
+    return d
+
+
+def test_a_model_file_of_any_name_serves(tmp_path, ckpt, tok):
+    d = _without_tokenizer(ckpt, tmp_path / "bare")
+    shutil.copy(ckpt / "tokenizer.model", tmp_path / "spm.model")
+    server = Server(d, "--tokenizer", str(tmp_path / "spm.model"), "--served-model-name", "tiny", log_dir=tmp_path)
+    try:
+        r = server.post("/v1/completions", {"model": "tiny", "prompt": "The river runs", "max_tokens": 3,
+                                            "temperature": 0})
+        assert r.status_code == 200
+        assert r.json()["usage"]["prompt_tokens"] == len(tok.encode("The river runs"))
+    finally:
+        assert server.stop() == 0
+
+
+@pytest.mark.parametrize("name, msg", [("missing.model", "no such file or directory"), ("", "no tokenizer.model")])
+def test_a_bad_tokenizer_path_is_one_line_exit_1(tmp_path, ckpt, name, msg):
+    d = _without_tokenizer(ckpt, tmp_path / "bare")
+    tok = str(tmp_path / name) if name else str(tmp_path)
+    r = CliRunner().invoke(main, [str(d), "--tokenizer", tok])
+    assert r.exit_code == 1 and msg in r.stderr and r.stderr.count("\n") == 1 and r.stdout == ""

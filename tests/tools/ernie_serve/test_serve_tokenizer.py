@@ -33,4 +33,5 @@ def test_a_bad_tokenizer_path_is_one_line_exit_1(tmp_path, ckpt, name, msg):
     d = _without_tokenizer(ckpt, tmp_path / "bare")
     tok = str(tmp_path / name) if name else str(tmp_path)
     r = CliRunner().invoke(main, [str(d), "--tokenizer", tok])
-    assert r.exit_code == 1 and msg in r.stderr and r.stderr.count("\n") == 1 and r.stdout == ""
+    assert r.exit_code == 1 and r.stderr.startswith(f"Error: {tok}: {msg}") and r.stderr.count("\n") == 1
+    assert r.stdout == ""

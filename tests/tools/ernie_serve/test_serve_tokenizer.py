@@ -35,3 +35,25 @@ def test_a_bad_tokenizer_path_is_one_line_exit_1(tmp_path, ckpt, name, msg):
     r = CliRunner().invoke(main, [str(d), "--tokenizer", tok])
     assert r.exit_code == 1 and r.stderr.startswith(f"Error: {tok}: {msg}") and r.stderr.count("\n") == 1
     assert r.stdout == ""
+
+
+def test_a_model_with_nan_weights_answers_500_not_garbage(tmp_path, ckpt):
+    """The issue-12 class of defect on the serving side: NaN weights must not pass for a model."""
+    import paddle
+
+    from libernie.model import ErnieForCausalLM
+    model = ErnieForCausalLM.from_pretrained(ckpt)
+    with paddle.no_grad():
+        for _, p in model.named_parameters():
+            p.set_value(paddle.full(p.shape, float("nan"), p.dtype))
+    d = tmp_path / "nan"
+    model.save_pretrained(d)
+    for f in ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(ckpt / f, d / f)
+    server = Server(d, "--served-model-name", "tiny", log_dir=tmp_path)
+    try:
+        r = server.post("/v1/completions", {"model": "tiny", "prompt": "The river", "max_tokens": 3, "temperature": 0})
+        assert r.status_code == 500 and "NaN" in r.json()["error"]["message"]
+        assert server.post("/v1/completions", {"model": "tiny", "prompt": "x", "max_tokens": 1}).status_code == 500
+    finally:
+        assert server.stop() == 0

@@ -40,3 +40,13 @@ def test_unwritable_output_fails_before_the_data_is_read(tmp_path, flag):
     r = CliRunner().invoke(cli, ["pretrain", *base_args({"pt": str(tmp_path / "no-such-data")}, "x", **over), "-q"])
     assert r.exit_code == 1 and r.stderr.startswith(f"Error: {bad}: cannot be created") and r.stderr.count("\n") == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
+def test_an_empty_dataset_is_one_line_and_nothing_written(tmp_path):
+    from ernie_pack.api import PackOptions, pack
+    (tmp_path / "empty.jsonl").write_text("\n")
+    pack(PackOptions("pretrain", TOKENIZER, 64, str(tmp_path / "e"), [str(tmp_path / "empty.jsonl")],
+                     allow_empty=True))
+    r = CliRunner().invoke(cli, ["pretrain", *base_args({"pt": str(tmp_path / "e")}, tmp_path / "run"), "-q"])
+    assert r.exit_code == 1 and r.stderr == f"Error: {tmp_path / 'e.json'}: holds no sequences\n"
+    assert not (tmp_path / "run").exists()

@@ -300,6 +300,7 @@ def train(cfg: TrainConfig, on_log=None) -> dict:
         log.close()
     seconds = time.perf_counter() - t_start
     return {"mode": cfg.mode, "steps": done, "start_step": start_step,
-            "final_loss": final_loss, **eval_metrics, "tokens_seen": tokens_seen, "skipped_steps": guard.skipped, "seconds": round(seconds, 3),
+            "final_loss": final_loss, **eval_metrics, "tokens_seen": tokens_seen, "skipped_steps": guard.skipped,
+            "seconds": round(seconds, 3),
             "checkpoint": ckpt_path, "output_dir": cfg.output_dir, "stopped": stopped,
             "world_size": info.world_size, "lora": cfg.lora, "config": cfg.to_dict()}

@@ -116,6 +116,8 @@ def gptq_model(model, batches: Iterable[dict], *, bits: int, group_size: int,
 def dataset_batches(ds, n_sequences: int, batch_size: int) -> Iterator[dict]:
     """The first n_sequences of a PackedDataset (ernie-pack shards) as gptq_model batches: int64 [b, s]
     input_ids, position_ids, doc_ids (-1 on padding) and roles, built like ernie-train's collate."""
+    if not ds.pad:
+        raise CalibrationError(f"{ds.path}: open the calibration dataset with pad=True (rows must stack)")
     n = min(n_sequences, len(ds))
     for a in range(0, n, batch_size):
         samples = [ds[i] for i in range(a, min(a + batch_size, n))]

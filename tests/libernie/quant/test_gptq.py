@@ -111,12 +111,14 @@ def test_hessian_is_the_running_mean_of_2xtx():
     np.testing.assert_allclose(acc3.H, acc.H, rtol=1e-12)
 
 
-def test_upper_cholesky_of_inverse():
-    a = np.random.default_rng(1).normal(size=(20, 20))
-    H = a @ a.T + np.eye(20)
+@pytest.mark.parametrize("n", [20, 301])                 # 301: the triangular inverse recurses, odd halves
+def test_upper_cholesky_of_inverse(n):
+    a = np.random.default_rng(1).normal(size=(n, n))
+    H = a @ a.T / n + np.eye(n)
     U = _upper_cholesky_of_inverse(H)
-    assert np.allclose(U, np.triu(U)) and np.all(np.diag(U) > 0)
+    assert np.array_equal(U, np.triu(U)) and np.all(np.diag(U) > 0)
     np.testing.assert_allclose(U.T @ U, np.linalg.inv(H), atol=1e-10)
+    np.testing.assert_allclose(U, np.linalg.cholesky(np.linalg.inv(H)).T, atol=1e-10)
 
 
 # ---- GPTQ ----------------------------------------------------------------------------------------------

@@ -83,6 +83,9 @@ class HessianAccumulator:
 
     The mean (not the sum) keeps H's scale independent of how much calibration data there is; GPTQ's
     damping is relative to mean(diag H), so only the direction of H matters to the result.
+    Each batch's XᵀX is a float32 product (twice the speed of float64, and the cost that dominates
+    calibration: tokens x in² per linear); batches are summed into H in float64. The float32 rounding,
+    about 1e-6 of an entry, is four orders below the damping GPTQ adds (1e-2 of mean(diag H)).
     """
 
     def __init__(self, in_features: int):
@@ -92,14 +95,13 @@ class HessianAccumulator:
 
     def add(self, x: np.ndarray) -> None:
         """x [..., in]: every leading index is one calibration row (token)."""
-        x = np.asarray(x, dtype=np.float64).reshape(-1, self.in_features)       # [m, in]
+        x = np.asarray(x, dtype=np.float32).reshape(-1, self.in_features)       # [m, in]
         m = x.shape[0]
         if m == 0:
             return
         self.H *= self.n / (self.n + m)
         self.n += m
-        x = x * np.sqrt(2.0 / self.n)
-        self.H += x.T @ x
+        self.H += (x.T @ x).astype(np.float64) * (2.0 / self.n)
 
 
 # ---- GPTQ ----------------------------------------------------------------------------------------------

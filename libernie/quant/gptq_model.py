@@ -207,8 +207,9 @@ def _quantize(lin: nn.Linear, acc: HessianAccumulator, name: str, li: int, hidde
     deq = dequantize(q, scale, kw["group_size"])                               # [out, in] float32
     lin.weight.set_value(paddle.to_tensor(np.ascontiguousarray(deq.T)).astype(lin.weight.dtype))
     if on_linear is not None:
-        e, w64 = w.astype(np.float64) - deq, w.astype(np.float64)
-        rel = float(np.sum((e @ acc.H) * e) / max(np.sum((w64 @ acc.H) * w64), 1e-300))
+        H32, e = acc.H.astype(np.float32), w - deq                            # a report: float32 is plenty
+        num, den = np.sum((e @ H32) * e, dtype=np.float64), np.sum((w @ H32) * w, dtype=np.float64)
+        rel = float(num / max(den, 1e-30))
         held = sum(int(np.prod(x.shape)) * x.element_size() for x in hidden)
         on_linear(LinearReport(name, li, (w.shape[0], w.shape[1]), acc.n, rel, time.perf_counter() - start,
                                held, acc.H.nbytes))

@@ -27,7 +27,7 @@ import paddle
 import paddle.nn as nn
 
 from libernie.errors import ErnieError
-from libernie.quant.gptq import HessianAccumulator, dequantize, gptq_quantize
+from libernie.quant.gptq import HessianAccumulator, QuantArgError, _check, dequantize, gptq_quantize
 
 
 class CalibrationError(ErnieError):
@@ -82,6 +82,7 @@ def gptq_model(model, batches: Iterable[dict], *, bits: int, group_size: int,
     if not calib:
         raise CalibrationError("no calibration batches; give a non-empty --calib dataset")
     names = {id(sub): name for name, sub in model.named_sublayers()}
+    _check_shapes(model, bits, group_size, skip)                              # fail now, not at the last layer
     kw = dict(bits=bits, group_size=group_size, damp=damp, block=block, act_order=act_order)
     out: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     was_training = model.training
@@ -123,6 +124,17 @@ def dataset_batches(ds, n_sequences: int, batch_size: int) -> Iterator[dict]:
         samples = [ds[i] for i in range(a, min(a + batch_size, n))]
         yield {key: np.stack([getattr(s, key) for s in samples]).astype(np.int64)
                for key in ("input_ids", "position_ids", "doc_ids", "roles")}
+
+
+def _check_shapes(model, bits: int, group_size: int, skip) -> None:
+    """QuantArgError naming the first linear the convention cannot quantize (bits, group size)."""
+    for name, sub in model.named_sublayers():
+        if isinstance(sub, nn.Linear) and not skip(name + ".weight"):
+            n_in = sub.weight.shape[0]                                         # Paddle weight is [in, out]
+            try:
+                _check(np.empty((0, n_in), dtype=np.float32), bits, group_size)
+            except QuantArgError as e:
+                raise QuantArgError(f"{name}.weight: {e}") from None
 
 
 def _batch(b: dict, i: int) -> _Batch:

@@ -31,13 +31,14 @@ class QuantArgError(ErnieError, ValueError):
 
 
 # ---- the shared convention -----------------------------------------------------------------------------
-def _check(w: np.ndarray, bits: int, group_size: int) -> tuple[int, int, int]:
-    """-> (qmax, group width, number of groups) for W [out, in], or QuantArgError."""
+def check_args(shape, bits: int, group_size: int) -> tuple[int, int, int]:
+    """Weight shape [out, in] -> (qmax, group width, number of groups), or QuantArgError if the convention
+    cannot quantize it (callers check a whole model up front with this, before any work)."""
     if bits not in QMAX:
         raise QuantArgError(f"bits={bits} is not supported; use 8 (int8) or 4 (int4)")
-    if w.ndim != 2:
-        raise QuantArgError(f"weight must be 2-D [out, in], got shape {list(w.shape)}")
-    n_in = w.shape[1]
+    if len(shape) != 2:
+        raise QuantArgError(f"weight must be 2-D [out, in], got shape {list(shape)}")
+    n_in = shape[1]
     if group_size == -1:
         return QMAX[bits], n_in, 1
     if group_size <= 0 or n_in % group_size:
@@ -58,7 +59,7 @@ def _round(x: np.ndarray, qmax: int) -> np.ndarray:
 
 def rtn_quantize(w: np.ndarray, bits: int, group_size: int) -> tuple[np.ndarray, np.ndarray]:
     """Round-to-nearest. w [out, in] float -> (q int8 [out, in], scale float32 [out, n_groups])."""
-    qmax, g, n_groups = _check(w, bits, group_size)
+    qmax, g, n_groups = check_args(w.shape, bits, group_size)
     out, n_in = w.shape
     wg = np.asarray(w, dtype=np.float64).reshape(out, n_groups, g)              # [out, G, g]
     scale = _scale(np.abs(wg).max(axis=2), qmax)                                # [out, G]
@@ -142,7 +143,7 @@ def gptq_quantize(w: np.ndarray, H: np.ndarray, bits: int, group_size: int, *, d
     Without act_order a group's scale is taken from the partially-updated weights when the group starts.
     Columns with diag(H) == 0 never saw a nonzero input ("dead"): they are quantized to 0.
     """
-    qmax, g, n_groups = _check(w, bits, group_size)
+    qmax, g, n_groups = check_args(w.shape, bits, group_size)
     out, n_in = w.shape
     if H.shape != (n_in, n_in):
         raise QuantArgError(f"Hessian shape {list(H.shape)} does not match the weight's input width {n_in}")

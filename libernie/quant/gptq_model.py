@@ -27,7 +27,7 @@ import paddle
 import paddle.nn as nn
 
 from libernie.errors import ErnieError
-from libernie.quant.gptq import HessianAccumulator, QuantArgError, _check, dequantize, gptq_quantize
+from libernie.quant.gptq import HessianAccumulator, QuantArgError, check_args, dequantize, gptq_quantize
 
 
 class CalibrationError(ErnieError):
@@ -130,9 +130,9 @@ def _check_shapes(model, bits: int, group_size: int, skip) -> None:
     """QuantArgError naming the first linear the convention cannot quantize (bits, group size)."""
     for name, sub in model.named_sublayers():
         if isinstance(sub, nn.Linear) and not skip(name + ".weight"):
-            n_in = sub.weight.shape[0]                                         # Paddle weight is [in, out]
+            n_in, out = sub.weight.shape                                       # Paddle weight is [in, out]
             try:
-                _check(np.empty((0, n_in), dtype=np.float32), bits, group_size)
+                check_args((out, n_in), bits, group_size)
             except QuantArgError as e:
                 raise QuantArgError(f"{name}.weight: {e}") from None
 

@@ -215,6 +215,7 @@ def trained():
     return model, _snapshot(model)
 
 
+@pytest.mark.slow                                              # trains the model: about 6 s on an idle machine
 def test_gptq_beats_rtn_on_held_out_perplexity_of_a_trained_model(trained, tmp_path):
     model, weights = trained
     held_out = paddle.to_tensor(_progressions(np.random.default_rng(1), 128, 32))

@@ -14,7 +14,8 @@ rows into HF's separate q/k/v or gate/up keeps every (q, scale) row intact.
 Memory: the calibration hidden states of ONE layer boundary (calibration tokens x hidden floats, each
 batch's output replaces its input as the layer runs), the token ids, one Hessian at a time (in² float64),
 and one layer's forward on one batch. Never the whole model's activations. Collecting a linear's inputs
-stops the layer's forward at that linear, so a layer costs about 2.5 forwards, not 5.
+stops the layer's forward at that linear, so a layer costs about 3 forwards over the
+calibration set (its attention half runs four times, its MLP half twice), not 5.
 """
 from __future__ import annotations
 

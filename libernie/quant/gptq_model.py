@@ -79,11 +79,11 @@ def gptq_model(model, batches: Iterable[dict], *, bits: int, group_size: int,
     become dequant(q, scale) (transposed to Paddle's [in, out]).
     """
     ernie = model.ernie
+    _check_shapes(model, bits, group_size, skip)                              # fail now, not at the last layer
     calib = [_batch(b, i) for i, b in enumerate(batches)]
     if not calib:
-        raise CalibrationError("no calibration batches; give a non-empty --calib dataset")
+        raise CalibrationError("no calibration batches: the calibration dataset is empty; pack some sequences")
     names = {id(sub): name for name, sub in model.named_sublayers()}
-    _check_shapes(model, bits, group_size, skip)                              # fail now, not at the last layer
     kw = dict(bits=bits, group_size=group_size, damp=damp, block=block, act_order=act_order)
     out: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     was_training = model.training

@@ -163,7 +163,7 @@ class MoEBlock(nn.Layer):
 
 # ---- training helpers: a trainer calls these; nothing here runs unless it does ---------------------------
 def moe_blocks(model: nn.Layer) -> list[MoEBlock]:
-    return [m for m in model.sublayers() if isinstance(m, MoEBlock)]
+    return [m for m in [model, *model.sublayers()] if isinstance(m, MoEBlock)]
 
 
 def router_loss(model: nn.Layer) -> paddle.Tensor | None:

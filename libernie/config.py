@@ -150,6 +150,8 @@ class ErnieConfig:
         if kwargs.get("head_dim") is None:
             kwargs["head_dim"] = (kwargs.get("hidden_size", cls.hidden_size)
                                   // kwargs.get("num_attention_heads", cls.num_attention_heads))
+        if d.get("model_type") == MODEL_TYPES[True] and not kwargs.get("moe_num_experts"):
+            raise ConfigError("config: model_type 'ernie4_5_moe' needs moe_num_experts > 0")
         for k in ("moe_intermediate_size", "moe_num_shared_experts", "moe_layer_start_index"):
             if kwargs.get(k) is None and k in kwargs:  # transformers' Optional fields written as null
                 del kwargs[k]

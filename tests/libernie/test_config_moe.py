@@ -75,6 +75,7 @@ def test_presets_are_registered():
     ({"moe_norm_min": 0}, "moe_norm_min"),
     ({"use_bias": True}, "tie_word_embeddings"),
     ({"model_type": "ernie4_5_vl_moe"}, "model_type"),
+    ({"moe_num_experts": 0}, "needs moe_num_experts"),
 ])
 def test_bad_moe_configs_name_the_file(tmp_path, bad, msg):
     (tmp_path / "config.json").write_text(json.dumps({**PUBLISHED_21B_A3B, **bad}))

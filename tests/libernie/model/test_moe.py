@@ -94,6 +94,23 @@ def test_aux_and_z_loss_equal_a_hand_computation():
     assert float(router_loss(blk)) == pytest.approx(1e-2 * 9.5 / 9 + 1e-3 * float(blk.z_loss), rel=1e-6)
 
 
+def test_aux_free_balance_loss_counts_the_unbiased_top_k():
+    """With moe_use_aux_free, ERNIEKit's balance loss counts tokens by top-k of the UNBIASED p, while dispatch
+    (and the load the bias update sees) follows the biased selection. Same three tokens as above, and a bias
+    of +0.6 on expert 1 that flips the first and third token to expert 1: load [0, 3], aux still 9.5/9."""
+    blk = MoEBlock(_cfg(moe_num_experts=2, moe_k=1, moe_num_shared_experts=0, moe_use_aux_free=True), 0)
+    wg = np.zeros((16, 2), np.float32)
+    wg[0, 0] = 1.0
+    blk.gate.weight.set_value(wg)
+    blk.moe_statics.e_score_correction_bias.set_value(np.array([[0.0, 0.6]], np.float32))
+    x = np.zeros((1, 3, 16), np.float32)
+    x[0, :, 0] = [math.log(3), -math.log(3), math.log(3)]
+    blk.train()
+    blk(paddle.to_tensor(x))
+    assert blk.load.tolist() == [0, 3]
+    assert float(blk.aux_loss) == pytest.approx(9.5 / 9, rel=1e-6)
+
+
 def test_aux_loss_trains_the_router_only():
     paddle.seed(3)
     blk = MoEBlock(_cfg(), 0)

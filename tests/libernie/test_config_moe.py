@@ -7,7 +7,7 @@ import pytest
 from libernie.config import PRESETS, ErnieConfig, ernie_4_5_21b_a3b, ernie_tiny, ernie_tiny_moe
 from libernie.errors import ConfigError
 
-PUBLISHED_21B_A3B = {  # the published ERNIE-4.5-21B-A3B config.json, Paddle-only and serving keys included
+PUBLISHED_21B_A3B = {  # shaped like the published ERNIE-4.5-21B-A3B config.json, Paddle-only keys included
     "architectures": ["Ernie4_5_MoeForCausalLM"], "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0,
     "hidden_act": "silu", "hidden_size": 2560, "intermediate_size": 12288, "max_position_embeddings": 131072,
     "model_type": "ernie4_5_moe", "num_attention_heads": 20, "num_key_value_heads": 4, "num_hidden_layers": 28,

@@ -107,3 +107,16 @@ def test_moe_config_mismatch_is_a_one_line_error(moe, tmp_path):
     json.dump({**cfg, "moe_layer_start_index": 2}, open(tmp_path / "c" / "config.json", "w"))
     with pytest.raises(CheckpointError, match="config.json does not describe"):
         ErnieForCausalLM.from_pretrained(tmp_path / "c")
+
+
+def test_mtp_tensors_are_refused_with_a_clear_error(moe, tmp_path):
+    _, root = moe
+    from libernie.checkpoint.safetensors_io import write_safetensors
+    r = CheckpointReader(root / "pd")
+    tensors = {n: r.get(n) for n in r.keys()}
+    tensors["ernie.mtp_linear_proj.0.weight"] = (np.zeros((128, 64), np.float32), "F32")
+    (tmp_path / "mtp").mkdir()
+    write_safetensors(str(tmp_path / "mtp" / "model.safetensors"), tensors, {"format": "np"})
+    (tmp_path / "mtp" / "config.json").write_text((root / "pd" / "config.json").read_text())
+    with pytest.raises(CheckpointError, match="first ernie.mtp_linear_proj.0.weight; multi-token-prediction"):
+        ErnieForCausalLM.from_pretrained(tmp_path / "mtp")

@@ -74,7 +74,10 @@ class MoEGate(_Fp32Layer):
                                             default_initializer=nn.initializer.Normal(std=cfg.initializer_range))
 
     def forward(self, x):                                                    # [T, h] -> logits [T, E] fp32
-        return paddle.matmul(x.astype("float32"), self.weight)
+        # AMP (GPU bf16 training) would cast this matmul down; paddle's autocast is a no-op on CPU, so this
+        # guard is not exercised by the CPU tests.
+        with paddle.amp.auto_cast(enable=False):
+            return paddle.matmul(x.astype("float32"), self.weight)
 
 
 class MoEStatics(_Fp32Layer):
@@ -133,7 +136,7 @@ class MoEBlock(nn.Layer):
         b, s, h = x.shape
         xf = x.reshape([b * s, h])                                           # [T, h]
         logits = self.gate(xf)                                               # [T, E] fp32
-        probs = F.softmax(logits, axis=-1)                                   # [T, E] fp32
+        probs = F.softmax(logits, axis=-1, dtype="float32")                  # [T, E] fp32, also under AMP
         bias = self.moe_statics.e_score_correction_bias                      # [1, E]
         idx, w = route(probs, bias, self.k, self.cfg.moe_norm_min)           # [T, k], [T, k]
         flat = idx.reshape([-1])                                             # [T*k] expert of each pair

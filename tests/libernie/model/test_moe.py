@@ -221,3 +221,4 @@ def test_cached_greedy_decoding_equals_full_recompute():
         for _ in range(10):
             seq.append(int(model(paddle.to_tensor([seq])).logits[0, -1].argmax()))
     assert got == seq[len(prompt):] and len(set(got)) > 2
+

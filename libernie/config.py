@@ -85,9 +85,14 @@ class ErnieConfig:
         """transformers' MoE head (not the dense one) has a bias when use_bias."""
         return self.is_moe and self.use_bias
 
+    @property
+    def mtp_layers(self) -> int:
+        """Multi-token-prediction heads the checkpoint carries (published MoE configs: num_nextn_predict_layers)."""
+        return int(self.extra.get("num_nextn_predict_layers") or 0)
+
     def is_moe_layer(self, i: int) -> bool:
         """Layer i holds experts iff (i+1) % interval == 0 and start <= i <= end (end -1/None: last layer)."""
-        if not self.is_moe:
+        if not self.is_moe or not 0 <= i < self.num_hidden_layers:
             return False
         end = self.moe_layer_end_index
         end = self.num_hidden_layers - 1 if end is None or end < 0 else end

@@ -53,7 +53,8 @@ def matches_target(name: str, target: str) -> bool:
 
 
 def apply_lora(model: nn.Layer, cfg: LoRAConfig, modules: list[str] | None = None) -> list[str]:
-    """Wrap target Linears (by matches_target, or the exact `modules`); freeze everything else.
+    """Wrap target Linears (by matches_target, or the exact `modules`); freeze everything else. Multi-token-
+    prediction heads (`.mtp_*`, carried for checkpoints but never run) are not targeted.
     Returns the adapted module names. Raises LoRAError when a target matches nothing."""
     wanted = set(modules) if modules else None
     hits = []
@@ -61,7 +62,7 @@ def apply_lora(model: nn.Layer, cfg: LoRAConfig, modules: list[str] | None = Non
         if not isinstance(layer, nn.Linear):
             continue
         if (wanted is not None and name in wanted) or (
-                wanted is None and any(matches_target(name, t) for t in cfg.target_modules)):
+                wanted is None and ".mtp_" not in name and any(matches_target(name, t) for t in cfg.target_modules)):
             parent_name, _, attr = name.rpartition(".")
             parent = model if not parent_name else dict(model.named_sublayers())[parent_name]
             setattr(parent, attr, LoRALinear(layer, cfg))

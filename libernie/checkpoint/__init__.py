@@ -40,7 +40,8 @@ def iter_tensors(source, cfg: ErnieConfig, layout: str) -> Iterator[tuple[str, n
     where = getattr(source, "path", "checkpoint")
     unexpected = sorted(n for n in source.keys() if n not in known and not ignorable(n, cfg))
     if unexpected:
-        hint = ("multi-token-prediction (MTP) heads are not supported yet" if ".mtp_" in unexpected[0]
+        hint = ("multi-token-prediction heads, but config.json's num_nextn_predict_layers does not declare them"
+                if ".mtp_" in unexpected[0]
                 else "check num_hidden_layers, use_bias and tie_word_embeddings")
         raise CheckpointError(f"{where}: {len(unexpected)} tensor(s) config.json does not describe, first "
                               f"{unexpected[0]}; {hint}")

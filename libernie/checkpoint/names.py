@@ -61,28 +61,39 @@ def _moe(p: str, m: str, cfg: ErnieConfig) -> list[Rule]:
     return out
 
 
+def _layer(p: str, m: str, cfg: ErnieConfig, moe: bool) -> list[Rule]:
+    """One decoder layer under p = `ernie.layers.L.` / m = `model.layers.L.` (or an MTP block)."""
+    h, q, kv = cfg.hidden_size, cfg.q_size, cfg.kv_size
+    out = [
+        Rule(p + "input_layernorm.weight", (m + "input_layernorm.weight",), SAME, (), (h,)),
+        Rule(p + "self_attn.qkv_proj.weight", tuple(m + f"self_attn.{x}_proj.weight" for x in "qkv"),
+             FUSED_LINEAR, (q, kv, kv), (h, q + 2 * kv)),
+        Rule(p + "self_attn.o_proj.weight", (m + "self_attn.o_proj.weight",), LINEAR, (), (q, h)),
+        Rule(p + "post_attention_layernorm.weight", (m + "post_attention_layernorm.weight",), SAME, (), (h,)),
+    ]
+    if cfg.use_bias:
+        out += [
+            Rule(p + "self_attn.qkv_proj.bias", tuple(m + f"self_attn.{x}_proj.bias" for x in "qkv"),
+                 FUSED_BIAS, (q, kv, kv), (q + 2 * kv,)),
+            Rule(p + "self_attn.o_proj.bias", (m + "self_attn.o_proj.bias",), SAME, (), (h,)),
+        ]
+    return out + (_moe(p + "mlp.", m + "mlp.", cfg) if moe
+                  else _mlp(p + "mlp.", m + "mlp.", h, cfg.intermediate_size, cfg.use_bias))
+
+
 def rules(cfg: ErnieConfig) -> list[Rule]:
     """Every tensor of an ERNIE 4.5 checkpoint (dense or MoE), in the order we write them."""
-    h, i, q, kv = cfg.hidden_size, cfg.intermediate_size, cfg.q_size, cfg.kv_size
+    h = cfg.hidden_size
     out = [Rule("ernie.embed_tokens.weight", ("model.embed_tokens.weight",), SAME, (), (cfg.vocab_size, h))]
     for n in range(cfg.num_hidden_layers):
-        p, m = f"ernie.layers.{n}.", f"model.layers.{n}."
-        out += [
-            Rule(p + "input_layernorm.weight", (m + "input_layernorm.weight",), SAME, (), (h,)),
-            Rule(p + "self_attn.qkv_proj.weight", tuple(m + f"self_attn.{x}_proj.weight" for x in "qkv"),
-                 FUSED_LINEAR, (q, kv, kv), (h, q + 2 * kv)),
-            Rule(p + "self_attn.o_proj.weight", (m + "self_attn.o_proj.weight",), LINEAR, (), (q, h)),
-            Rule(p + "post_attention_layernorm.weight", (m + "post_attention_layernorm.weight",), SAME, (), (h,)),
-        ]
-        if cfg.use_bias:
-            out += [
-                Rule(p + "self_attn.qkv_proj.bias", tuple(m + f"self_attn.{x}_proj.bias" for x in "qkv"),
-                     FUSED_BIAS, (q, kv, kv), (q + 2 * kv,)),
-                Rule(p + "self_attn.o_proj.bias", (m + "self_attn.o_proj.bias",), SAME, (), (h,)),
-            ]
-        out += (_moe(p + "mlp.", m + "mlp.", cfg) if cfg.is_moe_layer(n)
-                else _mlp(p + "mlp.", m + "mlp.", h, i, cfg.use_bias))
+        out += _layer(f"ernie.layers.{n}.", f"model.layers.{n}.", cfg, cfg.is_moe_layer(n))
     out.append(Rule("ernie.norm.weight", ("model.norm.weight",), SAME, (), (h,)))
+    for n in range(cfg.mtp_layers):  # multi-token-prediction heads: a dense layer + two norms + [2h -> h]
+        out += [Rule(f"ernie.mtp_{x}_norm.{n}.weight", (f"model.mtp_{x}_norm.{n}.weight",), SAME, (), (h,))
+                for x in ("emb", "hidden")]
+        out.append(Rule(f"ernie.mtp_linear_proj.{n}.weight", (f"model.mtp_linear_proj.{n}.weight",), LINEAR, (),
+                        (2 * h, h)))
+        out += _layer(f"ernie.mtp_block.{n}.", f"model.mtp_block.{n}.", cfg, False)
     if not cfg.tie_word_embeddings:
         out.append(Rule("lm_head.weight", ("lm_head.weight",), LINEAR, (), (h, cfg.vocab_size)))
         if cfg.lm_head_bias:

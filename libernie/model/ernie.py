@@ -107,6 +107,13 @@ class ErnieModel(nn.Layer):
             initializer=nn.initializer.Normal(std=cfg.initializer_range)))
         self.layers = nn.LayerList([DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers)])
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        if cfg.mtp_layers:  # multi-token-prediction heads of published MoE checkpoints: carried, never run
+            n, h = cfg.mtp_layers, cfg.hidden_size
+            self.mtp_emb_norm = nn.LayerList([RMSNorm(h, cfg.rms_norm_eps) for _ in range(n)])
+            self.mtp_hidden_norm = nn.LayerList([RMSNorm(h, cfg.rms_norm_eps) for _ in range(n)])
+            self.mtp_linear_proj = nn.LayerList([nn.Linear(2 * h, h, bias_attr=False, weight_attr=paddle.ParamAttr(
+                initializer=nn.initializer.Normal(std=cfg.initializer_range))) for _ in range(n)])  # [2h, h]
+            self.mtp_block = nn.LayerList([DecoderLayer(cfg, cfg.num_hidden_layers + i) for i in range(n)])
 
     def forward(self, input_ids, position_ids=None, doc_ids=None, attention_mask=None, cache=None, roles=None):
         """input_ids [b, s] -> final hidden states [b, s, h].

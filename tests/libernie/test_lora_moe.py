@@ -90,3 +90,10 @@ def test_expert_target_on_a_dense_model_is_an_error():
     from libernie.config import ernie_tiny
     with pytest.raises(LoRAError, match="'experts.down_proj' matches no Linear"):
         apply_lora(ErnieForCausalLM(ernie_tiny(vocab_size=32)), LoRAConfig(target_modules=("experts.down_proj",)))
+
+
+def test_mtp_heads_are_not_adapted():
+    cfg = ernie_tiny_moe(vocab_size=64)
+    cfg.extra["num_nextn_predict_layers"] = 1
+    names = apply_lora(ErnieForCausalLM(cfg), LoRAConfig(r=2))
+    assert names and not [n for n in names if ".mtp_" in n]

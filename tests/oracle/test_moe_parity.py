@@ -113,8 +113,10 @@ def libernie_written_moe(oracle_python, hf_moe_models, tmp_path_factory):
         model.save_pretrained(root / f"{name}-pd", layout="paddle")
         convert_checkpoint(root / f"{name}-pd", root / f"{name}-pd2hf", layout="hf")
         cases += [(f"{name}-hf", _logits(model)), (f"{name}-pd2hf", _logits(model))]
-    paddle.seed(11)  # built by libernie from its own preset, bias set by us, never seen by transformers
-    scratch = ErnieForCausalLM(ernie_tiny_moe(vocab_size=320))
+    paddle.seed(11)  # built by libernie from its own preset, bias set by us, never seen by transformers;
+    cfg = ernie_tiny_moe(vocab_size=320)  # with an MTP head, as published checkpoints have (transformers skips it)
+    cfg.extra["num_nextn_predict_layers"] = 1
+    scratch = ErnieForCausalLM(cfg)
     for blk in moe_blocks(scratch):
         blk.moe_statics.e_score_correction_bias.set_value(paddle.randn([1, blk.num_experts]) * BIAS_STD)
     scratch.eval()

@@ -109,7 +109,7 @@ def test_moe_config_mismatch_is_a_one_line_error(moe, tmp_path):
         ErnieForCausalLM.from_pretrained(tmp_path / "c")
 
 
-def test_mtp_tensors_are_refused_with_a_clear_error(moe, tmp_path):
+def test_undeclared_mtp_tensors_are_refused_with_a_clear_error(moe, tmp_path):
     _, root = moe
     from libernie.checkpoint.safetensors_io import write_safetensors
     r = CheckpointReader(root / "pd")
@@ -118,5 +118,34 @@ def test_mtp_tensors_are_refused_with_a_clear_error(moe, tmp_path):
     (tmp_path / "mtp").mkdir()
     write_safetensors(str(tmp_path / "mtp" / "model.safetensors"), tensors, {"format": "np"})
     (tmp_path / "mtp" / "config.json").write_text((root / "pd" / "config.json").read_text())
-    with pytest.raises(CheckpointError, match="first ernie.mtp_linear_proj.0.weight; multi-token-prediction"):
+    with pytest.raises(CheckpointError, match="first ernie.mtp_linear_proj.0.weight; multi-token-prediction heads, but"):
         ErnieForCausalLM.from_pretrained(tmp_path / "mtp")
+
+
+def test_mtp_heads_are_carried_through_both_layouts(tmp_path):
+    """Published MoE checkpoints carry multi-token-prediction heads (num_nextn_predict_layers): a dense layer
+    `mtp_block.N`, two norms and `mtp_linear_proj.N` [2h -> h]. They load, survive both layouts bit for bit
+    and never change the logits (the forward does not use them, as in transformers)."""
+    paddle.seed(12)
+    cfg = ernie_tiny_moe(vocab_size=48)
+    cfg.extra["num_nextn_predict_layers"] = 1
+    m = ErnieForCausalLM(cfg)
+    m.eval()
+    m.save_pretrained(tmp_path / "pd", layout="paddle")
+    convert_checkpoint(tmp_path / "pd", tmp_path / "hf", layout="hf")
+    convert_checkpoint(tmp_path / "hf", tmp_path / "back", layout="paddle")
+    pd, hf, back = (CheckpointReader(tmp_path / d) for d in ("pd", "hf", "back"))
+    h = cfg.hidden_size
+    assert pd.get("ernie.mtp_linear_proj.0.weight")[0].shape == (2 * h, h)
+    assert hf.get("model.mtp_linear_proj.0.weight")[0].shape == (h, 2 * h)
+    assert hf.get("model.mtp_block.0.mlp.gate_proj.weight")[0].shape == (cfg.intermediate_size, h)  # dense
+    assert "model.mtp_emb_norm.0.weight" in hf and "model.mtp_block.0.self_attn.k_proj.weight" in hf
+    assert sorted(pd.keys()) == sorted(back.keys())
+    for n in pd.keys():
+        assert pd.get(n)[0].tobytes() == np.ascontiguousarray(back.get(n)[0]).tobytes(), n
+    with paddle.no_grad():
+        ref = m(IDS).logits.numpy()
+        loaded = ErnieForCausalLM.from_pretrained(tmp_path / "hf")
+        np.testing.assert_array_equal(loaded(IDS).logits.numpy(), ref)
+    np.testing.assert_array_equal(loaded.ernie.mtp_block[0].mlp.down_proj.weight.numpy(),
+                                  m.ernie.mtp_block[0].mlp.down_proj.weight.numpy())

@@ -3,12 +3,14 @@ concurrent greedy completions, batched together, equal libernie.generate on each
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import REPO
 from serve_testlib import Server
+
+REPO = Path(__file__).resolve().parents[3]
 
 PROMPTS = ["Hello there", "Name three colours of the rainbow, please", "1 2 3"]
 

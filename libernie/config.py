@@ -237,6 +237,32 @@ class ErnieConfig:
         return path
 
 
+def parameter_counts(cfg: ErnieConfig) -> dict[str, int]:
+    """{"total", "active"} parameters of a model with this config, without building it (for planning with the
+    shapes-only presets). "active" counts the k routed experts a token uses instead of all E; MTP heads the
+    config declares are counted in total only (they never run)."""
+    h, v = cfg.hidden_size, cfg.vocab_size
+    bias = cfg.use_bias
+    attn = h * (cfg.q_size + 2 * cfg.kv_size) + cfg.q_size * h + 2 * h + bias * (cfg.q_size + 2 * cfg.kv_size + h)
+
+    def mlp(width):
+        return 3 * h * width + bias * (2 * width + h)
+
+    expert = 3 * h * cfg.expert_size
+    total = active = v * h + h + (0 if cfg.tie_word_embeddings else h * v + cfg.lm_head_bias * v)
+    for i in range(cfg.num_hidden_layers):
+        if cfg.is_moe_layer(i):
+            common = attn + h * cfg.moe_num_experts + cfg.moe_num_experts  # router + correction bias
+            common += mlp(cfg.moe_num_shared_experts * cfg.expert_size) if cfg.moe_num_shared_experts else 0
+            total += common + cfg.moe_num_experts * expert
+            active += common + cfg.moe_k * expert
+        else:
+            total += attn + mlp(cfg.intermediate_size)
+            active += attn + mlp(cfg.intermediate_size)
+    total += cfg.mtp_layers * (2 * h + 2 * h * h + attn + mlp(cfg.intermediate_size))
+    return {"total": total, "active": active}
+
+
 # ---- presets ---------------------------------------------------------------------------------
 def ernie_4_5_0_3b() -> ErnieConfig:
     """ERNIE-4.5-0.3B: 18 layers, hidden 1024, 16 heads / 2 kv heads of 128, tied embeddings."""

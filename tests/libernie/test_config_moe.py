@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from libernie.config import PRESETS, ErnieConfig, ernie_4_5_21b_a3b, ernie_tiny, ernie_tiny_moe
+from libernie.config import (PRESETS, ErnieConfig, ernie_4_5_0_3b, ernie_4_5_21b_a3b, ernie_tiny, ernie_tiny_moe,
+                             parameter_counts)
 from libernie.errors import ConfigError
 
 PUBLISHED_21B_A3B = {  # shaped like the published ERNIE-4.5-21B-A3B config.json, Paddle-only keys included
@@ -82,3 +83,27 @@ def test_bad_moe_configs_name_the_file(tmp_path, bad, msg):
     with pytest.raises(ConfigError, match=msg) as e:
         ErnieConfig.from_file(tmp_path)
     assert str(tmp_path) in str(e.value)
+
+
+@pytest.mark.parametrize("cfg", [ernie_tiny_moe(vocab_size=48), ernie_tiny(vocab_size=48)], ids=["moe", "dense"])
+@pytest.mark.parametrize("mtp", [0, 1])
+def test_parameter_counts_equal_the_built_model(cfg, mtp):
+    from libernie.model import ErnieForCausalLM
+    cfg.extra["num_nextn_predict_layers"] = mtp
+    cfg.use_bias, cfg.tie_word_embeddings = (True, False) if not cfg.is_moe else (False, True)
+    params = dict(ErnieForCausalLM(cfg).named_parameters())
+    n = sum(int(p.size) for p in params.values())
+    n_mtp = sum(int(p.size) for name, p in params.items() if ".mtp_" in name)
+    assert (n_mtp > 0) == bool(mtp)
+    counts = parameter_counts(cfg)
+    assert counts["total"] == n
+    # 2 MoE layers, each using k of its E experts of 3*h*m parameters; MTP heads never run
+    unused = 2 * (cfg.moe_num_experts - cfg.moe_k) * 3 * cfg.hidden_size * cfg.expert_size if cfg.is_moe else 0
+    assert counts["active"] == n - unused - n_mtp
+
+
+def test_published_sizes():
+    """21B-A3B: about 21.8B parameters, about 3B active per token (3.3B counting the embedding); 0.3B: 0.36B."""
+    c = parameter_counts(ernie_4_5_21b_a3b())
+    assert 21.7e9 < c["total"] < 21.9e9 and 3.0e9 < c["active"] < 3.4e9
+    assert 0.35e9 < parameter_counts(ernie_4_5_0_3b())["total"] < 0.37e9

@@ -144,11 +144,10 @@ class MoEBlock(nn.Layer):
         order = paddle.argsort(flat, stable=True)                            # [T*k] pairs sorted by expert
         rows = paddle.gather(xf, order // self.k)                            # [T*k, h] token of each pair
         rows, local_counts = self.dispatcher.dispatch(rows, counts)
-        outs, start = [], 0
-        for j, n in enumerate(local_counts.tolist()):                       # loop over experts, not tokens
-            if n:
-                outs.append(self.experts[self.dispatcher.first_expert + j](rows[start:start + n]))  # [n, h]
-                start += n
+        # split, not slicing: a slice's backward writes a zero tensor the size of all rows, once per expert
+        hit = [j for j, n in enumerate(local_counts.tolist()) if n]
+        chunks = paddle.split(rows, [int(local_counts[j]) for j in hit]) if len(hit) > 1 else [rows]
+        outs = [self.experts[self.dispatcher.first_expert + j](c) for j, c in zip(hit, chunks)]  # loop over experts
         rows = self.dispatcher.combine(paddle.concat(outs) if len(outs) > 1 else outs[0])  # [T*k, h]
         rows = paddle.gather(rows, paddle.argsort(order))                    # [T*k, h] back in pair order
         out = (rows.reshape([b * s, self.k, h]) * w.astype(rows.dtype).unsqueeze(-1)).sum(axis=1)  # [T, h]

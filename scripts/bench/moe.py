@@ -63,7 +63,13 @@ def main():
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--iters", type=int, default=3)
     ap.add_argument("--rounds", type=int, default=2, help="alternate libernie/transformers this many times")
+    ap.add_argument("--experts", type=int, default=BASE["moe_num_experts"])
+    ap.add_argument("--k", type=int, default=BASE["moe_k"])
+    ap.add_argument("--shared", type=int, default=BASE["moe_num_shared_experts"])
+    ap.add_argument("--expert-width", type=int, default=BASE["moe_intermediate_size"])
     args = ap.parse_args()
+    BASE.update(moe_num_experts=args.experts, moe_k=args.k, moe_num_shared_experts=args.shared,
+                moe_intermediate_size=args.expert_width)
     cfg = ErnieConfig(**BASE)
     paddle.seed(0)
     model = ErnieForCausalLM(cfg)
@@ -83,7 +89,8 @@ def main():
                     sys.stderr.write(f"_moe_hf.py failed:\n{r.stderr[-2000:]}\n")
                 else:
                     theirs += json.loads(r.stdout.strip().splitlines()[-1])["seconds"]
-    res = {"config": "hidden 256, 4 layers (0 dense), 4/2 heads of 64, vocab 8000, 16 experts x 256, k 4, 1 shared",
+    res = {"config": f"hidden 256, 4 layers (0 dense), 4/2 heads of 64, vocab 8000, {args.experts} experts x "
+                     f"{args.expert_width}, k {args.k}, {args.shared} shared",
            "batch": args.batch, "seq": args.seq, "threads": os.environ["OMP_NUM_THREADS"],
            "libernie_fwd_bwd_tok_s": round(tokens / statistics.median(ours), 1)}
     if theirs:

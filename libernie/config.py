@@ -287,8 +287,9 @@ def ernie_4_5_21b_a3b(vocab_size: int = 103424) -> ErnieConfig:
     """ERNIE-4.5-21B-A3B shapes (for planning and benchmarks, far too big to build here): 28 layers, hidden
     2560, 20 heads / 4 kv heads of 128; layer 0 dense (12288), layers 1-27 MoE with 64 experts of 1536,
     6 routed per token, 2 shared; aux-free routing bias. As the published config.json."""
-    return ErnieConfig(vocab_size=vocab_size, hidden_size=2560, intermediate_size=12288, num_hidden_layers=28, num_attention_heads=20,
-                       num_key_value_heads=4, head_dim=128, moe_num_experts=64, moe_k=6, moe_intermediate_size=1536,
+    return ErnieConfig(vocab_size=vocab_size, hidden_size=2560, intermediate_size=12288, num_hidden_layers=28,
+                       num_attention_heads=20, num_key_value_heads=4, head_dim=128, moe_num_experts=64, moe_k=6,
+                       moe_intermediate_size=1536,
                        moe_num_shared_experts=2, moe_layer_start_index=1, moe_layer_end_index=27,
                        moe_layer_interval=1, moe_use_aux_free=True)
 

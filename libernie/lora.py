@@ -62,7 +62,8 @@ def apply_lora(model: nn.Layer, cfg: LoRAConfig, modules: list[str] | None = Non
         if not isinstance(layer, nn.Linear):
             continue
         if (wanted is not None and name in wanted) or (
-                wanted is None and ".mtp_" not in name and any(matches_target(name, t) for t in cfg.target_modules)):
+                wanted is None and ".mtp_" not in name
+                and any(matches_target(name, t) for t in cfg.target_modules)):
             parent_name, _, attr = name.rpartition(".")
             parent = model if not parent_name else dict(model.named_sublayers())[parent_name]
             setattr(parent, attr, LoRALinear(layer, cfg))

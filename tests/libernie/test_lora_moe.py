@@ -34,7 +34,8 @@ def test_default_targets_wrap_routed_and_shared_experts_but_not_the_router():
     m = _model()
     names = apply_lora(m, LoRAConfig(r=2))
     e = m.config.moe_num_experts
-    assert "ernie.layers.1.mlp.experts.7.up_gate_proj" in names and "ernie.layers.2.mlp.shared_experts.down_proj" in names
+    assert "ernie.layers.1.mlp.experts.7.up_gate_proj" in names
+    assert "ernie.layers.2.mlp.shared_experts.down_proj" in names
     # per layer: qkv, o + dense (2) or routed (2e) + shared (2)
     assert len(names) == 3 * 2 + 2 + 2 * (2 * e + 2)
     assert not any("gate.weight" in n or "moe_statics" in n for n in lora_parameters(m))

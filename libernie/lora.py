@@ -43,15 +43,27 @@ class LoRALinear(nn.Layer):
         return paddle.matmul(self.lora_A.astype("float32"), self.lora_B.astype("float32")) * self.scaling
 
 
+def matches_target(name: str, target: str) -> bool:
+    """A target is the last name component(s) of a module, expert indices skipped: `down_proj` matches every
+    down_proj (dense MLP, routed and shared experts); `experts.down_proj` only routed experts
+    (`...mlp.experts.3.down_proj`); `shared_experts.down_proj` only the shared ones."""
+    parts = [p for p in name.split(".") if not p.isdigit()]
+    want = target.split(".")
+    return parts[-len(want):] == want
+
+
 def apply_lora(model: nn.Layer, cfg: LoRAConfig, modules: list[str] | None = None) -> list[str]:
-    """Wrap target Linears (by last name component, or the exact `modules`); freeze everything else.
+    """Wrap target Linears (by matches_target, or the exact `modules`); freeze everything else. Multi-token-
+    prediction heads (`.mtp_*`, carried for checkpoints but never run) are not targeted.
     Returns the adapted module names. Raises LoRAError when a target matches nothing."""
     wanted = set(modules) if modules else None
     hits = []
     for name, layer in list(model.named_sublayers()):
         if not isinstance(layer, nn.Linear):
             continue
-        if (wanted is not None and name in wanted) or (wanted is None and name.split(".")[-1] in cfg.target_modules):
+        if (wanted is not None and name in wanted) or (
+                wanted is None and ".mtp_" not in name
+                and any(matches_target(name, t) for t in cfg.target_modules)):
             parent_name, _, attr = name.rpartition(".")
             parent = model if not parent_name else dict(model.named_sublayers())[parent_name]
             setattr(parent, attr, LoRALinear(layer, cfg))
@@ -59,9 +71,10 @@ def apply_lora(model: nn.Layer, cfg: LoRAConfig, modules: list[str] | None = Non
     if wanted is not None and set(hits) != wanted:
         raise LoRAError(f"adapter modules not in the model: {sorted(wanted - set(hits))[:3]}")
     for target in (cfg.target_modules if wanted is None else ()):
-        if not any(h.split(".")[-1] == target for h in hits):
+        if not any(matches_target(h, target) for h in hits):
             raise LoRAError(f"LoRA target {target!r} matches no Linear in the model; targets are last name "
-                            "components such as qkv_proj, o_proj, up_gate_proj, down_proj, lm_head")
+                            "components such as qkv_proj, o_proj, up_gate_proj, down_proj, lm_head, "
+                            "experts.down_proj, shared_experts.up_gate_proj")
     for pname, p in model.named_parameters():
         p.stop_gradient = ".lora_" not in pname
     cfg.modules = hits

@@ -40,13 +40,21 @@ def iter_tensors(source, cfg: ErnieConfig, layout: str) -> Iterator[tuple[str, n
     where = getattr(source, "path", "checkpoint")
     unexpected = sorted(n for n in source.keys() if n not in known and not ignorable(n, cfg))
     if unexpected:
+        hint = ("multi-token-prediction heads, but config.json's num_nextn_predict_layers does not declare them"
+                if ".mtp_" in unexpected[0]
+                else "check num_hidden_layers, use_bias and tie_word_embeddings")
         raise CheckpointError(f"{where}: {len(unexpected)} tensor(s) config.json does not describe, first "
-                              f"{unexpected[0]}; check num_hidden_layers, use_bias and tie_word_embeddings")
+                              f"{unexpected[0]}; {hint}")
     for rule in table:
         names = names_of(rule)
         shapes = [rule.paddle_shape] if src == "paddle" else rule.hf_shapes()
         arrs, dtypes = [], []
+        absent = rule.optional and not any(n in source for n in names)  # e.g. no correction bias: zeros
         for name, shape in zip(names, shapes):
+            if absent:
+                arrs.append(np.zeros(shape, np.float32))
+                dtypes.append("F32")
+                continue
             if name not in source:
                 raise CheckpointError(f"{where}: missing tensor {name}; the checkpoint is incomplete or "
                                       "config.json does not match it")
@@ -75,6 +83,11 @@ def cast(arr: np.ndarray, dtype: str, target: str | None) -> tuple[np.ndarray, s
     if target is None or target == dtype:
         return arr, dtype
     return from_float32(to_float32(arr, dtype), target), target
+
+
+def fp32_names(cfg: ErnieConfig) -> set[str]:
+    """Tensor names (both layouts) written as F32 whatever the target dtype: the MoE router and its bias."""
+    return {n for r in rules(cfg) if r.fp32 for n in (r.paddle, *r.hf)}
 
 
 def dtype_tag(dtype: str | None) -> str | None:
@@ -144,8 +157,9 @@ def save_model(model, out_dir, layout: str = "hf", max_shard_size="5GB", dtype: 
         if os.path.isdir(out_dir):
             _copy_side_files(out_dir, tmp)
         writer = ShardedWriter(tmp, parse_size(max_shard_size), {"format": FORMAT_TAG[layout]})
+        pinned = fp32_names(cfg)
         for name, arr, dt in iter_tensors(_ModelSource(model), cfg, layout):
-            writer.add(name, *cast(arr, dt, target))
+            writer.add(name, *cast(arr, dt, "F32" if name in pinned else target))
         index = writer.close()
         cfg.save(tmp, layout)
     return index
@@ -161,8 +175,9 @@ def convert_checkpoint(src, dst, layout: str, max_shard_size="5GB", dtype: str |
     with atomic_dir(dst, overwrite=overwrite) as tmp:
         _copy_side_files(os.fspath(src), tmp)
         writer = ShardedWriter(tmp, parse_size(max_shard_size), {"format": FORMAT_TAG[layout]})
+        pinned = fp32_names(cfg)
         for name, arr, dt in iter_tensors(reader, cfg, layout):
-            writer.add(name, *cast(arr, dt, target))
+            writer.add(name, *cast(arr, dt, "F32" if name in pinned else target))
         index = writer.close()
         cfg.save(tmp, layout)
     return {"src": os.fspath(src), "dst": os.fspath(dst), "src_layout": reader.layout, "layout": layout,

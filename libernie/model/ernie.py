@@ -1,4 +1,4 @@
-"""ERNIE 4.5 dense decoder in Paddle, read top to bottom:
+"""ERNIE 4.5 decoder in Paddle (dense; MoE layers swap the MLP for libernie.model.moe.MoEBlock), read top to bottom:
 RMSNorm -> RoPE -> Attention -> MLP -> DecoderLayer -> ErnieModel -> ErnieForCausalLM.
 
 Parameter names and shapes are the Paddle checkpoint layout (prefix `ernie.`, Linear [in, out],
@@ -17,6 +17,7 @@ from libernie.config import ErnieConfig
 from libernie.kernels import apply_rope, attention, build_attention_mask, rms_norm, rope_cos_sin, swiglu
 from libernie.model.cache import KVCache
 from libernie.model.loss import causal_lm_loss
+from libernie.model.moe import MoEBlock
 
 
 def _linear(cfg: ErnieConfig, n_in: int, n_out: int) -> nn.Linear:
@@ -60,7 +61,7 @@ class Attention(nn.Layer):
 
 
 class MLP(nn.Layer):
-    """SwiGLU. Swappable: the MoE block (roadmap) replaces this module and nothing else."""
+    """SwiGLU. Swappable: the MoE block (libernie/model/moe.py) replaces this module and nothing else."""
 
     def __init__(self, cfg: ErnieConfig):
         super().__init__()
@@ -75,7 +76,7 @@ class DecoderLayer(nn.Layer):
     def __init__(self, cfg: ErnieConfig, layer_idx: int):
         super().__init__()
         self.self_attn = Attention(cfg, layer_idx)
-        self.mlp = MLP(cfg)
+        self.mlp = MoEBlock(cfg, layer_idx) if cfg.is_moe_layer(layer_idx) else MLP(cfg)  # [b, s, h] -> same
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
@@ -106,6 +107,13 @@ class ErnieModel(nn.Layer):
             initializer=nn.initializer.Normal(std=cfg.initializer_range)))
         self.layers = nn.LayerList([DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers)])
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        if cfg.mtp_layers:  # multi-token-prediction heads of published MoE checkpoints: carried, never run
+            n, h = cfg.mtp_layers, cfg.hidden_size
+            self.mtp_emb_norm = nn.LayerList([RMSNorm(h, cfg.rms_norm_eps) for _ in range(n)])
+            self.mtp_hidden_norm = nn.LayerList([RMSNorm(h, cfg.rms_norm_eps) for _ in range(n)])
+            self.mtp_linear_proj = nn.LayerList([nn.Linear(2 * h, h, bias_attr=False, weight_attr=paddle.ParamAttr(
+                initializer=nn.initializer.Normal(std=cfg.initializer_range))) for _ in range(n)])  # [2h, h]
+            self.mtp_block = nn.LayerList([DecoderLayer(cfg, cfg.num_hidden_layers + i) for i in range(n)])
 
     def forward(self, input_ids, position_ids=None, doc_ids=None, attention_mask=None, cache=None, roles=None):
         """input_ids [b, s] -> final hidden states [b, s, h].
@@ -154,8 +162,9 @@ class ErnieForCausalLM(nn.Layer):
         self.config = cfg
         self.ernie = ErnieModel(cfg)
         if not cfg.tie_word_embeddings:    # Paddle layout stores an untied head as [h, V]
-            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias_attr=False, weight_attr=paddle.ParamAttr(
-                initializer=nn.initializer.Normal(std=cfg.initializer_range)))
+            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias_attr=cfg.lm_head_bias,  # bias: MoE only
+                                     weight_attr=paddle.ParamAttr(
+                                         initializer=nn.initializer.Normal(std=cfg.initializer_range)))
 
     def forward(self, input_ids, labels=None, loss_mask=None, position_ids=None, doc_ids=None,
                 attention_mask=None, cache: KVCache | None = None, logits_to_keep: int = 0,

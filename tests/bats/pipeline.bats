@@ -53,3 +53,49 @@ EOF
   assert_success
   assert [ "$output" -ge 1 ]
 }
+
+@test "the same chain on a tiny MoE: pretrain | sft --lora on routed and shared experts | merge | serve" {
+  # issue 10: ernie-quant's expert step (FastDeploy expert names) slots in between merge and serve once it lands
+  run --separate-stderr ernie-pack pretrain --tokenizer "$TOKENIZER" --seq-len 64 -o data/pt -q docs.jsonl
+  assert_success
+  run --separate-stderr ernie-pack sft --tokenizer "$TOKENIZER" --seq-len 64 -o data/sft -q sft.jsonl
+  assert_success
+  run --separate-stderr bats_pipe ernie-train pretrain --data data/pt --init-config ernie-tiny-moe \
+    --tokenizer "$TOKENIZER" -o runs/pt --max-steps 2 -q \| jq -r .checkpoint
+  assert_success
+  base="$output"
+  run jq -r .model_type "$base/config.json"
+  assert_output "ernie4_5_moe"
+  run --separate-stderr bats_pipe ernie-train sft --data data/sft --model "$base" --lora --lora-rank 4 \
+    --lora-target-modules qkv_proj,experts.up_gate_proj,shared_experts.down_proj -o runs/sft \
+    --max-steps 2 --learning-rate 1e-2 -q \| jq -r .checkpoint
+  assert_success
+  adapter="$output"
+  run bats_pipe jq -r '.modules[]' "$adapter/adapter_config.json" \| grep -c 'mlp.experts.[0-9]*.up_gate_proj'
+  assert_output "16"  # 8 experts x 2 MoE layers
+  run --separate-stderr bats_pipe ernie-merge --base "$base" --adapter "$adapter" -o merged -q \| jq -r .tensors_merged
+  assert_success
+  assert_output "21"  # qkv x 3 layers + 16 expert up_gate + 2 shared down
+  run --separate-stderr python - "$base" "$adapter" merged <<'EOF'
+import sys
+import libernie  # noqa: F401  (first: CPU thread defaults before paddle loads)
+import numpy as np
+import paddle
+from libernie.model import ErnieForCausalLM
+ids = paddle.to_tensor([[1, 50, 60, 70, 80, 90]])
+with paddle.no_grad():
+    a = ErnieForCausalLM.from_pretrained(sys.argv[1], adapter=sys.argv[2])(ids).logits.numpy()
+    b = ErnieForCausalLM.from_pretrained(sys.argv[3])(ids).logits.numpy()
+print(float(np.abs(a - b).max()) < 1e-5)
+EOF
+  assert_output "True"
+  port="$(python -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
+  ernie-serve merged --port "$port" -q >serve.out 2>serve.err 3>&- &
+  pid=$!
+  wait_healthy "http://127.0.0.1:$port"
+  run bats_pipe curl -sf "http://127.0.0.1:$port/v1/completions" -H 'Content-Type: application/json' \
+    -d '{"prompt": "What is 2 + 3?", "max_tokens": 4, "temperature": 0}' \| jq -r '.usage.completion_tokens'
+  kill -TERM "$pid"; wait "$pid"
+  assert_success
+  assert [ "$output" -ge 1 ]
+}

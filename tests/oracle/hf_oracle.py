@@ -1,7 +1,8 @@
 """The independent side of the parity tests. Runs ONLY in .venv-oracle (transformers on CPU torch);
 never imports libernie or paddle. The pytest side (test_parity.py) drives it through subprocess.
 
-  build SPEC.json OUT   make tiny random Ernie4_5ForCausalLM models with transformers, save them in
+  build SPEC.json OUT   make tiny random Ernie4_5ForCausalLM (or, with moe_* keys in the config,
+                        Ernie4_5_MoeForCausalLM) models with transformers, save them in
                         the HF layout, and record their logits (and greedy continuations) on given ids
   run SPEC.json         load checkpoints written by libernie with transformers, record the same
 """
@@ -11,7 +12,8 @@ import sys
 
 import numpy as np
 import torch
-from transformers import AutoModelForCausalLM, Ernie4_5Config, Ernie4_5ForCausalLM
+from transformers import (AutoModelForCausalLM, Ernie4_5_MoeConfig, Ernie4_5_MoeForCausalLM, Ernie4_5Config,
+                          Ernie4_5ForCausalLM)
 
 torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
 
@@ -31,11 +33,14 @@ def _record(model, case, out_dir):
 def build(spec_path, out_root):
     for case in json.load(open(spec_path)):
         torch.manual_seed(case["seed"])
-        cfg = Ernie4_5Config(**case["config"])
-        model = Ernie4_5ForCausalLM(cfg).eval()
+        moe = "moe_num_experts" in case["config"]
+        cfg = (Ernie4_5_MoeConfig if moe else Ernie4_5Config)(**case["config"])
+        model = (Ernie4_5_MoeForCausalLM if moe else Ernie4_5ForCausalLM)(cfg).eval()
         with torch.no_grad():  # transformers inits norms to 1: perturb them so the mapping is tested
             for name, p in model.named_parameters():
-                if "norm" in name:
+                if "e_score_correction_bias" in name:  # zero-initialised: make it move the selection
+                    p.normal_(0.0, case.get("correction_bias_std", 0.0))
+                elif "norm" in name:
                     p.normal_(1.0, 0.2)
                 elif name.endswith("bias"):
                     p.normal_(0.0, 0.05)

@@ -156,10 +156,11 @@ inline void scores(const float* rows, const float* kt, int64_t R, int64_t hd, fl
   }
 }
 
-// out[M, col:col+8NV] += w[M, K] . x[K, col:col+8NV] (row strides ldo, ldw, ldx); four rows at a time.
+// out[M, col:col+8NV] += w[M, K] . x[K, col:col+8NV] (row strides ldo, ldx); w[i, k] sits at w[i * wi + k * wk],
+// so a transposed w costs nothing. Four rows at a time: each loaded x vector feeds four FMAs.
 template <int NV>
-void accumulate_cols(float* out, int64_t ldo, const float* w, int64_t ldw, const float* x, int64_t ldx, int64_t M,
-                     int64_t K, int64_t col) {
+void accumulate_cols(float* out, int64_t ldo, const float* w, int64_t wi, int64_t wk, const float* x, int64_t ldx,
+                     int64_t M, int64_t K, int64_t col) {
   int64_t i = 0;
   for (; i + 4 <= M; i += 4) {
     v8 acc[4][NV];
@@ -169,7 +170,7 @@ void accumulate_cols(float* out, int64_t ldo, const float* w, int64_t ldw, const
       v8 xv[NV];
       for (int u = 0; u < NV; ++u) xv[u] = load8(x + k * ldx + col + 8 * u);
       for (int ii = 0; ii < 4; ++ii) {
-        const v8 wv = splat(w[(i + ii) * ldw + k]);
+        const v8 wv = splat(w[(i + ii) * wi + k * wk]);
         for (int u = 0; u < NV; ++u) acc[ii][u] += wv * xv[u];
       }
     }
@@ -180,32 +181,26 @@ void accumulate_cols(float* out, int64_t ldo, const float* w, int64_t ldw, const
     v8 acc[NV];
     for (int u = 0; u < NV; ++u) acc[u] = load8(out + i * ldo + col + 8 * u);
     for (int64_t k = 0; k < K; ++k) {
-      const v8 wv = splat(w[i * ldw + k]);
+      const v8 wv = splat(w[i * wi + k * wk]);
       for (int u = 0; u < NV; ++u) acc[u] += wv * load8(x + k * ldx + col + 8 * u);
     }
     for (int u = 0; u < NV; ++u) store8(out + i * ldo + col + 8 * u, acc[u]);
   }
 }
 
-// out[M, hd] += w[M, K] . x[K, hd]
-inline void accumulate(float* out, int64_t ldo, const float* w, int64_t ldw, const float* x, int64_t ldx, int64_t M,
-                int64_t K, int64_t hd) {
+// out[M, hd] += w[M, K] . x[K, hd], w addressed as in accumulate_cols.
+inline void accumulate(float* out, int64_t ldo, const float* w, int64_t wi, int64_t wk, const float* x, int64_t ldx,
+                       int64_t M, int64_t K, int64_t hd) {
   int64_t col = 0;
-  for (; col + 24 <= hd; col += 24) accumulate_cols<3>(out, ldo, w, ldw, x, ldx, M, K, col);
-  if (col + 16 <= hd) accumulate_cols<2>(out, ldo, w, ldw, x, ldx, M, K, col), col += 16;
-  if (col + 8 <= hd) accumulate_cols<1>(out, ldo, w, ldw, x, ldx, M, K, col), col += 8;
+  for (; col + 24 <= hd; col += 24) accumulate_cols<3>(out, ldo, w, wi, wk, x, ldx, M, K, col);
+  if (col + 16 <= hd) accumulate_cols<2>(out, ldo, w, wi, wk, x, ldx, M, K, col), col += 16;
+  if (col + 8 <= hd) accumulate_cols<1>(out, ldo, w, wi, wk, x, ldx, M, K, col), col += 8;
   for (; col < hd; ++col)
     for (int64_t i = 0; i < M; ++i) {
       float sum = out[i * ldo + col];
-      for (int64_t k = 0; k < K; ++k) sum += w[i * ldw + k] * x[k * ldx + col];
+      for (int64_t k = 0; k < K; ++k) sum += w[i * wi + k * wk] * x[k * ldx + col];
       out[i * ldo + col] = sum;
     }
-}
-
-// dst[BK, R] = src[R, BK]^T
-inline void transpose_tile(const float* src, int64_t R, float* dst) {
-  for (int64_t r = 0; r < R; ++r)
-    for (int c = 0; c < BK; ++c) dst[c * R + r] = src[r * BK + c];
 }
 
 // Mask tile (rows i0.., keys j0..) in place with -inf where key j may not be seen from row p, or is past nc.
@@ -287,7 +282,7 @@ inline void forward(const Shape& d, const float* Q, const float* K, const float*
             for (int64_t e = 0; e < d.hd; ++e) a[e] *= alpha;
           }
         }
-        accumulate(acc.data(), d.hd, sc.data(), BK, vb, d.hd, rows, nc, d.hd);   // acc += P . V
+        accumulate(acc.data(), d.hd, sc.data(), BK, 1, vb, d.hd, rows, nc, d.hd);   // acc += P . V
       }
       for (int64_t gi = 0; gi < d.g; ++gi)
         for (int64_t r = 0; r < nr; ++r) {
@@ -326,7 +321,7 @@ inline void backward(const Shape& d, const float* Q, const float* K, const float
 
 #pragma omp parallel if (worth_threads(d))
   {
-    std::vector<float> qr(R * d.hd), gr(R * d.hd), kt(d.hd * BK), vt(d.hd * BK), p(R * BK), dp(R * BK), pt(R * BK);
+    std::vector<float> qr(R * d.hd), gr(R * d.hd), kt(d.hd * BK), vt(d.hd * BK), p(R * BK), dp(R * BK);
     std::vector<float> dk_acc(BK * d.hd), dv_acc(BK * d.hd), dq_loc(R * d.hd), lse_r(R), d_r(R);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t task = 0; task < tasks; ++task) {
@@ -367,13 +362,11 @@ inline void backward(const Shape& d, const float* Q, const float* K, const float
           }
         }
         // dV += P^T dO; dK += dS^T (scale q); dq = scale * dS K
-        transpose_tile(p.data(), rows, pt.data());
-        accumulate(dv_acc.data(), d.hd, pt.data(), rows, gr.data(), d.hd, nc, rows, d.hd);
-        transpose_tile(dp.data(), rows, pt.data());
-        accumulate(dk_acc.data(), d.hd, pt.data(), rows, qr.data(), d.hd, nc, rows, d.hd);
+        accumulate(dv_acc.data(), d.hd, p.data(), 1, BK, gr.data(), d.hd, nc, rows, d.hd);      // P^T: no copy
+        accumulate(dk_acc.data(), d.hd, dp.data(), 1, BK, qr.data(), d.hd, nc, rows, d.hd);
         for (int64_t x = 0; x < rows * BK; ++x) dp[x] *= scale;
         std::fill(dq_loc.begin(), dq_loc.begin() + rows * d.hd, 0.0f);
-        accumulate(dq_loc.data(), d.hd, dp.data(), BK, kb_rows, d.hd, rows, nc, d.hd);
+        accumulate(dq_loc.data(), d.hd, dp.data(), BK, 1, kb_rows, d.hd, rows, nc, d.hd);
         omp_lock_t* lk = &locks[(bb * d.nkv + kvh) * d.nqb + qb];
         omp_set_lock(lk);
         for (int64_t gi = 0; gi < d.g; ++gi)

@@ -39,8 +39,9 @@ def _block_plan(kend: np.ndarray, s: int, t: int, block: int):
 
 
 def _scores(qb, kb, bias, g):
+    """fp32 scores [b, nkv, g, c, n] (softmax statistics stay fp32 whatever the input dtype)."""
     b, nkv, gc, _ = qb.shape
-    sc = paddle.matmul(qb, kb, transpose_y=True).reshape([b, nkv, g, gc // g, kb.shape[2]])  # [b, nkv, g, c, n]
+    sc = paddle.matmul(qb, kb, transpose_y=True).astype("float32").reshape([b, nkv, g, gc // g, kb.shape[2]])
     return sc if bias is None else sc + bias
 
 
@@ -61,7 +62,7 @@ class _FlashAttention(PyLayer):
             mx = sc.max(-1, keepdim=True)                                            # every row sees itself
             e = paddle.exp(sc - mx)
             total = e.sum(-1, keepdim=True)
-            p = (e / total).reshape([b, nkv, g * c, k1 - k0])
+            p = (e / total).astype(v.dtype).reshape([b, nkv, g * c, k1 - k0])
             lse = (mx + paddle.log(total)).squeeze(-1)                               # [b, nkv, g, c]
             outs.append(paddle.matmul(p, vb).reshape([b, nkv, g, c, hd]))
             lses.append(lse)
@@ -80,17 +81,17 @@ class _FlashAttention(PyLayer):
         scale = hd ** -0.5
         do5 = dout.reshape([b, s, nkv, g, hd]).transpose([0, 2, 3, 1, 4]).contiguous()       # [b, nkv, g, s, hd]
         o5 = out.reshape([b, s, nkv, g, hd]).transpose([0, 2, 3, 1, 4])
-        delta = (do5 * o5).sum(-1)                                                         # [b, nkv, g, s]
-        dq, dk, dv = [], paddle.zeros(k.shape, "float32"), paddle.zeros(v.shape, "float32")
+        delta = (do5.astype("float32") * o5.astype("float32")).sum(-1)                    # [b, nkv, g, s]
+        dq, dk, dv = [], paddle.zeros(k.shape, k.dtype), paddle.zeros(v.shape, v.dtype)
         for i0, i1, k0, k1, bias in plan:
             c, n = i1 - i0, k1 - k0
             qb = q5[:, :, :, i0:i1].reshape([b, nkv, g * c, hd])
             gb = do5[:, :, :, i0:i1].reshape([b, nkv, g * c, hd])
             kb, vb = k[:, :, k0:k1].contiguous(), v[:, :, k0:k1].contiguous()
             p = paddle.exp(_scores(qb, kb, bias, g) - lse[:, :, :, i0:i1].unsqueeze(-1))     # [b, nkv, g, c, n]
-            dp = paddle.matmul(gb, vb, transpose_y=True).reshape([b, nkv, g, c, n])
-            ds = (p * (dp - delta[:, :, :, i0:i1].unsqueeze(-1))).reshape([b, nkv, g * c, n])
-            p = p.reshape([b, nkv, g * c, n])
+            dp = paddle.matmul(gb, vb, transpose_y=True).astype("float32").reshape([b, nkv, g, c, n])
+            ds = (p * (dp - delta[:, :, :, i0:i1].unsqueeze(-1))).astype(q5.dtype).reshape([b, nkv, g * c, n])
+            p = p.astype(q5.dtype).reshape([b, nkv, g * c, n])
             dv[:, :, k0:k1] += paddle.matmul(p, gb, transpose_x=True)                         # [b, nkv, n, hd]
             dk[:, :, k0:k1] += paddle.matmul(ds, qb, transpose_x=True)
             dq.append(paddle.matmul(ds, kb).reshape([b, nkv, g, c, hd]) * scale)

@@ -177,3 +177,20 @@ def test_a_failed_build_falls_back_with_the_compilers_first_error(monkeypatch, c
         cpu_kernel.load.cache_clear()
     (line,) = [r.getMessage() for r in caplog.records if r.name == "libernie.kernels"]
     assert "error: something went wrong" in line and "more lines" not in line
+
+
+def test_non_fp32_inputs_go_to_the_paddle_twin():
+    """The C++ kernel is fp32 only; other dtypes (float64 here: Paddle's CPU matmul has no bf16) run the twin,
+    gradients come back in the input dtype, and the softmax statistics are fp32."""
+    rng = np.random.default_rng(9)
+    q, k, v = _qkv(rng, 1, 80, 80, 4, 2, 16)
+    mask = build_attention_mask(80, 80, doc_ids=paddle.to_tensor(_packed(rng, 1, 80, 30)))
+    dout = rng.normal(size=q.shape).astype(np.float32)
+    ref = _grads("reference", q, k, v, mask, dout)
+    ts = [paddle.to_tensor(x.astype(np.float64), stop_gradient=False) for x in (q, k, v)]
+    assert attention_backend(ts[0], mask) == "blocked"
+    out = attention(*ts, mask)
+    grads = paddle.grad([out], ts, [paddle.to_tensor(dout.astype(np.float64))])
+    assert out.dtype == paddle.float64 and all(g.dtype == paddle.float64 for g in grads)
+    for g, r in zip([out] + list(grads), ref):
+        np.testing.assert_allclose(g.numpy(), r, atol=3e-5, rtol=1e-4)

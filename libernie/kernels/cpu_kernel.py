@@ -1,9 +1,9 @@
 """Build and load the C++ CPU attention kernel (csrc/flash_attention_cpu.cc) with paddle.utils.cpp_extension.
 
-Built once per machine on first use (about 20 s with g++), into a cache directory keyed by the source, the
-Paddle version and the flags, so an edited kernel or another Paddle rebuilds and a stale library is never
-loaded: $ERNIE_KERNEL_CACHE, else $XDG_CACHE_HOME/ernie-tools/kernels, else ~/.cache/ernie-tools/kernels.
-A file lock lets concurrent processes share one build. Where it cannot be built (no compiler, no write
+Built once per machine on first use (20-30 s with g++), into a cache directory keyed by the source, the
+Paddle version, the flags and the CPU, so an edited kernel or another Paddle rebuilds and a stale library is
+never loaded: $ERNIE_KERNEL_CACHE, else $XDG_CACHE_HOME/ernie-tools/kernels, else ~/.cache/ernie-tools/kernels.
+Concurrent processes share one build (a file lock); a build appears there only once it is complete. Where it cannot be built (no compiler, no write
 access) `load()` returns None after one warning line and attention runs the Paddle-ops twin
 (libernie.kernels.flash). ERNIE_CPU_KERNEL=0 skips the build.
 """
@@ -73,25 +73,38 @@ def load():
 
 
 def _build():
-    build = os.path.join(cache_dir(), _tag())
-    os.makedirs(build, exist_ok=True)
-    with warnings.catch_warnings(), open(os.path.join(build, ".lock"), "w") as lock:
+    """Build into a private directory and rename it into place when complete, so a build killed half-way
+    never leaves a library behind (loading a truncated .so kills the process). A lock keeps concurrent
+    processes from compiling the same kernel twice."""
+    root = cache_dir()
+    final = os.path.join(root, _tag())
+    lib = os.path.join(final, NAME)
+    os.makedirs(root, exist_ok=True)
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore")   # Paddle's "No ccache found": we build one file, once
         from paddle.utils.cpp_extension import load as cpp_load
         from paddle.utils.cpp_extension.extension_utils import _import_module_from_library
-        fcntl.flock(lock, fcntl.LOCK_EX)   # one build per directory; the others wait and reuse it
-        with _quiet() as out:
-            if os.path.exists(os.path.join(build, NAME, NAME + ".so")):
-                # Built before (the tag pins source, flags, Paddle): register it directly. cpp_extension's
-                # load() would re-run its setup.py check, about 1 s per process.
-                module = _import_module_from_library(NAME, os.path.join(build, NAME), False)
-            else:
-                try:
-                    module = cpp_load(name=NAME, sources=[SOURCE], extra_cxx_cflags=CFLAGS,
-                                      extra_ldflags=LDFLAGS, build_directory=build, verbose=False)
-                except Exception as e:  # the compiler's own messages are in `out`; keep the first error
-                    errors = [ln for ln in out.read().splitlines() if "error" in ln.lower()]
-                    raise RuntimeError(errors[0] if errors else str(e)) from e
+        module = None
+        if not os.path.exists(os.path.join(lib, NAME + ".so")):
+            with open(final + ".lock", "w") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                if not os.path.exists(os.path.join(lib, NAME + ".so")):
+                    tmp = f"{final}.build-{os.getpid()}"
+                    shutil.rmtree(tmp, ignore_errors=True)
+                    os.makedirs(tmp)
+                    with _quiet() as out:
+                        try:   # builds and registers the op in this process (renaming keeps the mapping valid)
+                            module = cpp_load(name=NAME, sources=[SOURCE], extra_cxx_cflags=CFLAGS,
+                                              extra_ldflags=LDFLAGS, build_directory=tmp, verbose=False)
+                        except Exception as e:  # the compiler's messages are in `out`; keep the first error
+                            shutil.rmtree(tmp, ignore_errors=True)
+                            errors = [ln for ln in out.read().splitlines() if "error" in ln.lower()]
+                            raise RuntimeError(errors[0] if errors else str(e)) from e
+                    shutil.rmtree(final, ignore_errors=True)
+                    os.rename(tmp, final)
+        if module is None:  # built before: register it directly (load() re-runs a setup.py check, ~1 s)
+            with _quiet():
+                module = _import_module_from_library(NAME, lib, False)
     return getattr(module, NAME)
 
 

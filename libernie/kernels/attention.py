@@ -1,5 +1,5 @@
-"""Attention: one dispatch point over flash attention (GPU), a blocked CPU kernel, Paddle's SDPA and
-a plain reference.
+"""Attention: one dispatch point over flash attention (GPU), the C++ CPU flash kernel ("cpu"), its
+Paddle-ops twin ("blocked"), Paddle's SDPA and a plain dense reference.
 
 Shapes: q [b, s, nh, hd]; k, v [b, nkv, t, hd] (head-major, as the KV cache stores them) with nh a
 multiple of nkv (GQA); out [b, s, nh, hd]. Queries are the last s of the t key positions (t > s when
@@ -7,7 +7,12 @@ a KV cache holds the past). Head-major keys matter on CPU: Paddle's transposes a
 and both its matmul on a strided operand and its strided copies are slow (a decode step's
 transpose of the cache cost 1.35 ms per layer, its matmul 0.03 ms).
 The mask is an AttentionMask built once per forward and shared by every layer; each backend asks
-it for the form it uses (bool, additive bias, document ids) and that form is built once.
+it for the form it uses and that form is built once. The CPU kernels and FlashMask take the column
+form (one int per key, O(t)); only the reference and SDPA build the dense [b, 1, s, t] mask. The CPU
+kernels keep memory linear in s (the backward recomputes scores per tile) and skip tiles that no row
+of the tile may see, so packed documents cost the sum of their squared lengths. The C++ kernel is
+faster than the old dense blocked path at every length measured (512-token training, decode; see
+docs/BENCHMARKS.md), so no dense path remains on CPU by default.
 """
 from __future__ import annotations
 

@@ -72,10 +72,16 @@ def load():
         return None
 
 
+_OP = None   # the op once registered: Paddle registers an op name once per process, so never load it twice
+
+
 def _build():
     """Build into a private directory and rename it into place when complete, so a build killed half-way
     never leaves a library behind (loading a truncated .so kills the process). A lock keeps concurrent
     processes from compiling the same kernel twice."""
+    global _OP
+    if _OP is not None:
+        return _OP
     root = cache_dir()
     final = os.path.join(root, _tag())
     lib = os.path.join(final, NAME)
@@ -105,7 +111,8 @@ def _build():
         if module is None:  # built before: register it directly (load() re-runs a setup.py check, ~1 s)
             with _quiet():
                 module = _import_module_from_library(NAME, lib, False)
-    return getattr(module, NAME)
+    _OP = getattr(module, NAME)
+    return _OP
 
 
 @contextlib.contextmanager

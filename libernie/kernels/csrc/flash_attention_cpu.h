@@ -128,20 +128,27 @@ inline float hsum(v8 x) {
 
 // sc[R, BK] = rows[R, hd] . kt[hd, BK]. Four rows by sixteen keys at a time: eight accumulators, so each
 // loaded pair of key vectors feeds eight FMAs.
+// Rows per register block: x86 with AVX-512 has 32 vector registers, everything else 16.
+#ifdef __AVX512F__
+constexpr int MR = 6, MS = 6;
+#else
+constexpr int MR = 4, MS = 6;
+#endif
+
 inline void scores(const float* rows, const float* kt, int64_t R, int64_t hd, float* sc) {
   int64_t r = 0;
-  for (; r + 4 <= R; r += 4)
+  for (; r + MS <= R; r += MS)     // MS rows by sixteen keys: each pair of key vectors feeds 2 * MS FMAs
     for (int j = 0; j < BK; j += 16) {
-      v8 acc[4][2] = {};
+      v8 acc[MS][2] = {};
       for (int64_t e = 0; e < hd; ++e) {
         const v8 b0 = load8(kt + e * BK + j), b1 = load8(kt + e * BK + j + 8);
-        for (int i = 0; i < 4; ++i) {
+        for (int i = 0; i < MS; ++i) {
           const v8 x = splat(rows[(r + i) * hd + e]);
           acc[i][0] += x * b0;
           acc[i][1] += x * b1;
         }
       }
-      for (int i = 0; i < 4; ++i) {
+      for (int i = 0; i < MS; ++i) {
         store8(sc + (r + i) * BK + j, acc[i][0]);
         store8(sc + (r + i) * BK + j + 8, acc[i][1]);
       }
@@ -157,24 +164,24 @@ inline void scores(const float* rows, const float* kt, int64_t R, int64_t hd, fl
 }
 
 // out[M, col:col+8NV] += w[M, K] . x[K, col:col+8NV] (row strides ldo, ldx); w[i, k] sits at w[i * wi + k * wk],
-// so a transposed w costs nothing. Four rows at a time: each loaded x vector feeds four FMAs.
+// so a transposed w costs nothing. MR rows at a time: each loaded x vector feeds MR FMAs.
 template <int NV>
 void accumulate_cols(float* out, int64_t ldo, const float* w, int64_t wi, int64_t wk, const float* x, int64_t ldx,
                      int64_t M, int64_t K, int64_t col) {
   int64_t i = 0;
-  for (; i + 4 <= M; i += 4) {
-    v8 acc[4][NV];
-    for (int ii = 0; ii < 4; ++ii)
+  for (; i + MR <= M; i += MR) {
+    v8 acc[MR][NV];
+    for (int ii = 0; ii < MR; ++ii)
       for (int u = 0; u < NV; ++u) acc[ii][u] = load8(out + (i + ii) * ldo + col + 8 * u);
     for (int64_t k = 0; k < K; ++k) {
       v8 xv[NV];
       for (int u = 0; u < NV; ++u) xv[u] = load8(x + k * ldx + col + 8 * u);
-      for (int ii = 0; ii < 4; ++ii) {
+      for (int ii = 0; ii < MR; ++ii) {
         const v8 wv = splat(w[(i + ii) * wi + k * wk]);
         for (int u = 0; u < NV; ++u) acc[ii][u] += wv * xv[u];
       }
     }
-    for (int ii = 0; ii < 4; ++ii)
+    for (int ii = 0; ii < MR; ++ii)
       for (int u = 0; u < NV; ++u) store8(out + (i + ii) * ldo + col + 8 * u, acc[ii][u]);
   }
   for (; i < M; ++i) {

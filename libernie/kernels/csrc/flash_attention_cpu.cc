@@ -21,6 +21,11 @@ std::vector<paddle::Tensor> FlashAttnForward(const paddle::Tensor& q, const padd
   PD_CHECK(q.dtype() == paddle::DataType::FLOAT32 && k.dtype() == q.dtype() && v.dtype() == q.dtype(),
            "ernie_flash_attention_cpu: fp32 only");
   PD_CHECK(kend.dtype() == paddle::DataType::INT32, "ernie_flash_attention_cpu: kend must be int32");
+  PD_CHECK(q.shape().size() == 4 && k.shape().size() == 4 && k.shape() == v.shape(),
+           "ernie_flash_attention_cpu: q [b, s, nh, hd], k and v [b, nkv, t, hd]");
+  PD_CHECK(k.shape()[0] == q.shape()[0] && k.shape()[3] == q.shape()[3] && q.shape()[2] % k.shape()[1] == 0 &&
+               k.shape()[2] >= q.shape()[1] && kend.numel() == q.shape()[0] * k.shape()[2],
+           "ernie_flash_attention_cpu: shapes of q, k/v and kend [b, t] disagree");
   const auto d = make_shape(q.shape()[0], q.shape()[1], q.shape()[2], q.shape()[3], k.shape()[1], k.shape()[2]);
   auto out = paddle::empty({d.b, d.s, d.nh, d.hd}, paddle::DataType::FLOAT32, q.place());
   auto lse = paddle::empty({d.b, d.nh, d.s}, paddle::DataType::FLOAT32, q.place());

@@ -46,12 +46,18 @@ def _tag() -> str:
 
 
 def _cpu_model() -> str:
+    """The CPU's model name and feature flags: -march=native code must not reach a CPU with fewer features
+    (a home directory shared across machines shares this cache)."""
+    seen = {}
     with contextlib.suppress(OSError):
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith(("model name", "flags")):
-                    return line
-    return ""
+                key = line.split(":")[0].strip()
+                if key in ("model name", "flags") and key not in seen:
+                    seen[key] = line
+                if len(seen) == 2:
+                    break
+    return "".join(seen.values())
 
 
 @functools.lru_cache(maxsize=None)

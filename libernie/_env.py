@@ -75,3 +75,9 @@ class _QuietLoader(importlib.abc.Loader):
         finally:
             kept = [ln for ln in buf.getvalue().splitlines(keepends=True) if not ln.startswith(_OMP_NAG)]
             sys.stderr.write("".join(kept))
+            # Paddle's import adds a root logging handler bound to the stderr of that moment, our buffer:
+            # rebind it, or every warning logged afterwards would vanish into the buffer.
+            import logging
+            for handler in logging.getLogger().handlers:
+                if getattr(handler, "stream", None) is buf:
+                    handler.setStream(sys.stderr)

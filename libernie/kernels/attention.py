@@ -1,5 +1,5 @@
-"""Attention: one dispatch point over flash attention (GPU), a blocked CPU kernel, Paddle's SDPA and
-a plain reference.
+"""Attention: one dispatch point over flash attention (GPU), the C++ CPU flash kernel ("cpu"), its
+Paddle-ops twin ("blocked"), Paddle's SDPA and a plain dense reference.
 
 Shapes: q [b, s, nh, hd]; k, v [b, nkv, t, hd] (head-major, as the KV cache stores them) with nh a
 multiple of nkv (GQA); out [b, s, nh, hd]. Queries are the last s of the t key positions (t > s when
@@ -7,7 +7,12 @@ a KV cache holds the past). Head-major keys matter on CPU: Paddle's transposes a
 and both its matmul on a strided operand and its strided copies are slow (a decode step's
 transpose of the cache cost 1.35 ms per layer, its matmul 0.03 ms).
 The mask is an AttentionMask built once per forward and shared by every layer; each backend asks
-it for the form it uses (bool, additive bias, document ids) and that form is built once.
+it for the form it uses and that form is built once. The CPU kernels and FlashMask take the column
+form (one int per key, O(t)); only the reference and SDPA build the dense [b, 1, s, t] mask. The CPU
+kernels keep memory linear in s (the backward recomputes scores per tile) and skip tiles that no row
+of the tile may see, so packed documents cost the sum of their squared lengths. The C++ kernel is
+faster than the old dense blocked path at every length measured (512-token training, decode; see
+docs/BENCHMARKS.md), so no dense path remains on CPU by default.
 """
 from __future__ import annotations
 
@@ -17,45 +22,58 @@ import numpy as np
 import paddle
 import paddle.nn.functional as F
 
+from libernie.kernels import cpu_kernel, flash
 from libernie.kernels.dispatch import on_gpu
 
 # Segment roles of packed DPO pairs (libernie.data.shard; kept here so kernels need not import data).
 ROLE_CHOSEN, ROLE_REJECTED = 2, 3
-BACKENDS = ("flash", "blocked", "sdpa", "reference")
-BLOCK = 64  # query rows per block in the CPU kernel: small enough for the scores to stay in cache
+BACKENDS = ("flash", "cpu", "blocked", "sdpa", "reference")
 
 
 class AttentionMask:
     """Causal attention, optionally restricted to each document (doc_ids [b, s]), to real keys
     (key_padding [b, t]: 1 real, 0 left padding) and by the DPO rule (roles [b, s], the shard role
     codes of docs/formats/shards.md: a REJECTED query never sees a CHOSEN key).
-    `allowed` is None for plain causal with no cache."""
+
+    Each backend asks for the form it uses, built once per forward and shared by every layer:
+    `key_ends()` the column form (O(t), the blocked kernels and FlashMask), `allowed()`/`bias()` the
+    dense [b|1, 1, s, t] form (reference and SDPA only)."""
 
     def __init__(self, q_len: int, k_len: int, doc_ids=None, key_padding=None, roles=None):
         if roles is not None and doc_ids is None:
             raise ValueError("roles (the DPO rule) needs doc_ids: a pair is one packed document")
+        if doc_ids is not None and q_len != k_len:
+            raise ValueError("doc_ids can only be combined with a full forward, not a KV cache")
         self.q_len, self.k_len, self.doc_ids, self.roles = q_len, k_len, doc_ids, roles
+        self.key_padding = key_padding
         self.has_padding = key_padding is not None
         self.plain_causal = doc_ids is None and key_padding is None and q_len == k_len
-        self._bool = None if self.plain_causal else _allowed(q_len, k_len, doc_ids, key_padding, roles)
-        self._bias = None
+        self._bool = self._bias = self._ends = None
+        self._ends_t: dict = {}
 
-    def first_key(self, i: int, e: int) -> int:
-        """The earliest key any of query rows i..e-1 may see (in any batch row): with packed documents,
-        keys before the block's earliest document start are masked for every row, so kernels skip them."""
-        if self.doc_ids is None or self.q_len != self.k_len:
-            return 0
-        if not hasattr(self, "_starts"):
-            doc = self.doc_ids.numpy()
-            pos = np.broadcast_to(np.arange(doc.shape[1]), doc.shape)
-            new = np.concatenate([np.ones((doc.shape[0], 1), bool), doc[:, 1:] != doc[:, :-1]], axis=1)
-            self._starts = np.maximum.accumulate(np.where(new, pos, 0), axis=1).min(axis=0)   # [s]
-        return int(self._starts[i:e].min())
+    def key_ends(self, batch: int = 1) -> np.ndarray | None:
+        """int32 [b, t] (FlashMask's column form): key j is seen from absolute query positions p with
+        j <= p < kend[j]; query row i sits at p = i + t - s. Causal, documents, padding and the DPO rule
+        in one vector. None where the DPO rule is not an interval of rows (a document whose tokens
+        after a rejected one are not all rejected): such masks need the dense form."""
+        if self._ends is None:
+            self._ends = _key_ends(self.q_len, self.k_len, self.doc_ids, self.key_padding, self.roles)
+        if self._ends is False:
+            return None
+        return np.ascontiguousarray(np.broadcast_to(self._ends, (max(batch, self._ends.shape[0]), self.k_len)))
+
+    def key_ends_tensor(self, batch: int, place=None) -> paddle.Tensor | None:
+        """key_ends as a paddle int32 tensor, cached per (batch, place)."""
+        key = (batch, str(place))
+        if key not in self._ends_t:
+            ends = self.key_ends(batch)
+            self._ends_t[key] = None if ends is None else paddle.to_tensor(ends, place=place)
+        return self._ends_t[key]
 
     def allowed(self) -> paddle.Tensor:
         """bool [b|1, 1, s, t], True where query i may attend to key j."""
         if self._bool is None:
-            self._bool = _allowed(self.q_len, self.k_len, None, None)
+            self._bool = _allowed(self.q_len, self.k_len, self.doc_ids, self.key_padding, self.roles)
         return self._bool
 
     def bias(self) -> paddle.Tensor:
@@ -67,14 +85,46 @@ class AttentionMask:
         return self._bias
 
 
+def _numpy(x) -> np.ndarray:
+    return x.numpy() if isinstance(x, paddle.Tensor) else np.asarray(x)
+
+
+def _next_at_or_after(flag: np.ndarray) -> np.ndarray:
+    """[b, s] bool -> [b, s] int: the first position >= p where flag is set (s if none)."""
+    s = flag.shape[1]
+    at = np.where(flag, np.arange(s), s)
+    return np.minimum.accumulate(at[:, ::-1], axis=1)[:, ::-1]
+
+
+def _key_ends(q_len, k_len, doc_ids, key_padding, roles):
+    """See AttentionMask.key_ends; False when the DPO rule has no column form."""
+    ends = np.full((1, k_len), k_len, np.int64)
+    if doc_ids is not None:                                   # q_len == k_len here
+        doc = _numpy(doc_ids)
+        last = np.concatenate([doc[:, 1:] != doc[:, :-1], np.ones((doc.shape[0], 1), bool)], axis=1)
+        ends = _next_at_or_after(last) + 1                    # [b, s] end of each token's document
+    if roles is not None:                                     # chosen keys: hidden from the next rejected row on
+        role = _numpy(roles)
+        rej, cho = role == ROLE_REJECTED, role == ROLE_CHOSEN
+        first_rej = _next_at_or_after(rej)
+        hidden_from = np.where(cho, np.minimum(ends, first_rej), ends)
+        # exact only if every row from there to the document's end is rejected too
+        after = np.take_along_axis(_next_at_or_after(~rej), np.minimum(hidden_from, k_len - 1), axis=1)
+        if (cho & (hidden_from < ends) & (after < ends)).any():
+            return False
+        ends = hidden_from
+    if key_padding is not None:                               # a padding key is seen only by itself
+        pad = _numpy(key_padding) == 0
+        ends = np.where(pad, np.arange(k_len) + 1, np.broadcast_to(ends, pad.shape))
+    return ends.astype(np.int32)
+
+
 def _allowed(q_len, k_len, doc_ids, key_padding, roles=None):
     offset = k_len - q_len
     rows = paddle.arange(q_len, dtype="int64").unsqueeze(1) + offset      # [s, 1]
     cols = paddle.arange(k_len, dtype="int64").unsqueeze(0)               # [1, t]
     mask = (cols <= rows).unsqueeze(0).unsqueeze(0)                       # [1, 1, s, t]
     if doc_ids is not None:
-        if q_len != k_len:
-            raise ValueError("doc_ids can only be combined with a full forward, not a KV cache")
         mask = mask & (doc_ids.unsqueeze(2) == doc_ids.unsqueeze(1)).unsqueeze(1)   # [b, 1, s, t]
     if roles is not None:                                                  # rejected never sees chosen
         rej = (roles == ROLE_REJECTED).unsqueeze(2)                        # [b, s, 1]
@@ -93,7 +143,10 @@ def build_attention_mask(q_len: int, k_len: int, *, doc_ids=None, key_padding=No
 
 
 def attention_backend(q: paddle.Tensor, mask: AttentionMask | None = None) -> str:
-    """The dispatch point. ERNIE_ATTENTION=flash|blocked|sdpa|reference overrides the automatic choice."""
+    """The dispatch point. ERNIE_ATTENTION=flash|cpu|blocked|sdpa|reference overrides the automatic choice.
+
+    CPU: "cpu" (the C++ kernel) for fp32 when it is built here, else "blocked" (its Paddle-ops twin);
+    "reference" for the rare DPO masks with no column form (see AttentionMask.key_ends)."""
     forced = os.environ.get("ERNIE_ATTENTION")
     if forced:
         if forced not in BACKENDS:
@@ -102,8 +155,12 @@ def attention_backend(q: paddle.Tensor, mask: AttentionMask | None = None) -> st
     if on_gpu(q):
         half = q.dtype in (paddle.float16, paddle.bfloat16)
         flashable = mask is None or mask.plain_causal or (mask.doc_ids is not None and mask.q_len == mask.k_len
-                                                          and not mask.has_padding)
+                                                          and not mask.has_padding and mask.key_ends() is not None)
         return "flash" if half and flashable else "sdpa"
+    if mask is not None and mask.key_ends() is None:
+        return "reference"
+    if q.dtype == paddle.float32 and cpu_kernel.load() is not None:
+        return "cpu"
     return "blocked"
 
 
@@ -113,11 +170,36 @@ def attention(q, k, v, mask: AttentionMask | None = None, *, backend: str | None
     backend = backend or attention_backend(q, mask)
     if backend == "flash":
         return _flash(q, k, v, mask)
+    if backend == "cpu":
+        return attention_cpu(q, k, v, mask)
     if backend == "blocked":
         return attention_blocked(q, k, v, mask)
     if backend == "sdpa":
         return _sdpa(q, k, v, mask)
     return attention_reference(q, k, v, mask)
+
+
+def _column_form(mask: AttentionMask, b: int) -> np.ndarray:
+    ends = mask.key_ends(b)
+    if ends is None:
+        raise ValueError("this DPO mask has tokens after a rejected one that are not rejected; "
+                         "only the reference and sdpa attention backends take it")
+    return ends
+
+
+def attention_cpu(q, k, v, mask: AttentionMask) -> paddle.Tensor:
+    """The C++ CPU kernel (fp32; libernie.kernels.cpu_kernel builds it); its twin is attention_blocked."""
+    op = cpu_kernel.load()
+    if op is None:
+        raise RuntimeError("the C++ attention kernel is not built here; use ERNIE_ATTENTION=blocked")
+    _column_form(mask, q.shape[0])
+    out, _ = op(q.contiguous(), k.contiguous(), v.contiguous(), mask.key_ends_tensor(q.shape[0]))
+    return out
+
+
+def attention_blocked(q, k, v, mask: AttentionMask, block: int = flash.BLOCK) -> paddle.Tensor:
+    """Flash-style attention in Paddle ops (libernie.kernels.flash): any dtype, O(block * t) memory."""
+    return flash.flash_attention_paddle(q, k, v, _column_form(mask, q.shape[0]), block)
 
 
 def attention_reference(q, k, v, mask: AttentionMask | None = None):
@@ -133,59 +215,6 @@ def attention_reference(q, k, v, mask: AttentionMask | None = None):
     probs = F.softmax(scores, axis=-1).astype(q.dtype)
     out = paddle.matmul(probs, vg)                                         # [b, nkv, g, s, hd]
     return out.transpose([0, 3, 1, 2, 4]).reshape([b, s, nh, hd])
-
-
-def attention_blocked(q, k, v, mask: AttentionMask, block: int = BLOCK):
-    """CPU kernel: query blocks of `block` rows. Each block scores only the keys it can reach under
-    the causal mask (halving the work), and its [.., block, t] scores stay in cache for the softmax.
-    Paddle's CPU elementwise ops on a full [b, nh, s, t] score tensor cost more than the matmuls."""
-    b, s, nh, hd = q.shape
-    nkv, t = k.shape[1], k.shape[2]
-    g = nh // nkv
-    offset = t - s
-    # Paddle's CPU matmul on a strided view is up to 40x slower than on a dense tensor: make q dense once.
-    q5 = (q * (hd ** -0.5)).reshape([b, s, nkv, g, hd]).transpose([0, 2, 3, 1, 4]).contiguous()  # [b, nkv, g, s, hd]
-    kt, vt = k.contiguous(), v.contiguous()                               # [b, nkv, t, hd] (no-op when dense)
-    bias = None if mask.plain_causal else mask.bias().unsqueeze(2)        # [b|1, 1, 1, s, t]
-    outs = []
-    for i in range(0, s, block):
-        e = min(s, i + block)
-        n_keys = offset + e                                               # keys these rows may reach
-        k0 = mask.first_key(i, e)                                         # keys before k0 are masked for all
-        c = e - i
-        qb = q5[:, :, :, i:e].reshape([b, nkv, g * c, hd])                # [b, nkv, g*c, hd]
-        kb, vb = _keys(kt, k0, n_keys), _keys(vt, k0, n_keys)              # [b, nkv, keys, hd]
-        sc = paddle.matmul(qb, kb, transpose_y=True).astype("float32")
-        sc = sc.reshape([b, nkv, g, c, n_keys - k0])                      # [b, nkv, g, c, keys]
-        if bias is not None:
-            sc = sc + bias[:, :, :, i:e, k0:n_keys]
-        elif c > 1:                                                       # plain causal: only the last c keys
-            sc = sc + _causal_tail(c, n_keys)
-        p = F.softmax(sc, axis=-1).astype(q.dtype).reshape([b, nkv, g * c, n_keys - k0])
-        outs.append(paddle.matmul(p, vb).reshape([b, nkv, g, c, hd]))
-    out = paddle.concat(outs, axis=3) if len(outs) > 1 else outs[0]       # [b, nkv, g, s, hd]
-    return out.transpose([0, 3, 1, 2, 4]).reshape([b, s, nh, hd])
-
-
-def _keys(x, k0: int, k1: int):
-    """Keys k0..k1 of [b, nkv, t, hd] as a contiguous tensor (a slice is a strided view; see above)."""
-    return x if (k0 == 0 and k1 == x.shape[2]) else x[:, :, k0:k1].contiguous()
-
-
-_TAILS: dict = {}
-
-
-def _causal_tail(c: int, n_keys: int) -> paddle.Tensor:
-    """[c, n_keys] bias: -inf above the diagonal that ends at the last key, 0 elsewhere (cached)."""
-    key = (c, n_keys)
-    if key not in _TAILS:
-        rows = paddle.arange(c, dtype="int64").unsqueeze(1) + (n_keys - c)
-        cols = paddle.arange(n_keys, dtype="int64").unsqueeze(0)
-        _TAILS[key] = paddle.where(cols <= rows, paddle.zeros([c, n_keys], "float32"),
-                                   paddle.full([c, n_keys], float("-inf"), "float32"))
-        if len(_TAILS) > 256:
-            _TAILS.pop(next(iter(_TAILS)))
-    return _TAILS[key]
 
 
 def _seq_major(x, g):  # [b, nkv, t, hd] -> [b, t, nkv*g, hd], each kv head repeated for its g query heads
@@ -210,15 +239,6 @@ def _flash(q, k, v, mask: AttentionMask):  # GPU only; not run in CI (no GPU on 
     if mask.doc_ids is None:
         out, _ = flash_attention(q, k, v, causal=True)
         return out
-    # FlashMask: for key column j, rows at or past the end of j's document may not see it.
-    doc = mask.doc_ids
-    b, s = doc.shape
-    pos = paddle.arange(s, dtype="int32").unsqueeze(0).expand([b, s])
-    last = paddle.concat([doc[:, 1:] != doc[:, :-1], paddle.ones([b, 1], dtype="bool")], axis=1)
-    ends = paddle.where(last, pos + 1, paddle.full_like(pos, s))
-    ends = paddle.flip(paddle.cummin(paddle.flip(ends, [1]), axis=1)[0], [1])   # end of each token's doc
-    if mask.roles is not None:  # a chosen key is hidden from the first rejected row on (rejected follows chosen)
-        rej = paddle.where(mask.roles == ROLE_REJECTED, pos, paddle.full_like(pos, s))
-        first_rej = paddle.flip(paddle.cummin(paddle.flip(rej, [1]), axis=1)[0], [1])  # next rejected row
-        ends = paddle.where(mask.roles == ROLE_CHOSEN, paddle.minimum(ends, first_rej), ends)
+    # FlashMask's column form: key j is hidden from row kend[j] on (document end; DPO: the next rejected row).
+    ends = mask.key_ends_tensor(q.shape[0], place=q.place)                  # [b, t] int32
     return flashmask_attention(q, k, v, startend_row_indices=ends.unsqueeze(1).unsqueeze(-1), causal=True)

@@ -4,7 +4,12 @@ import paddle
 import pytest
 
 from libernie.kernels import attention, attention_backend, build_attention_mask
+from libernie.kernels import cpu_kernel
 from libernie.kernels.attention import attention_reference
+
+# every CPU backend that can run here ("cpu" needs the C++ kernel built)
+CPU_BACKENDS = ("reference", "cpu", "blocked", "sdpa") if cpu_kernel.load() is not None else (
+    "reference", "blocked", "sdpa")
 
 
 def _numpy_attention(q, k, v, allowed):
@@ -38,7 +43,7 @@ def test_sdpa_and_reference_agree_with_numpy(nh, nkv, kind):
     expect = _numpy_attention(q, k, v, allowed)
     rows = slice(None) if kind != "padding" else slice(3, None)          # padding queries are don't-care
     kh, vh = (paddle.to_tensor(a.transpose(0, 2, 1, 3).copy()) for a in (k, v))   # head-major, as the cache keeps them
-    for backend in ("reference", "blocked", "sdpa"):
+    for backend in CPU_BACKENDS:
         out = attention(paddle.to_tensor(q), kh, vh, mask, backend=backend).numpy()
         assert np.isfinite(out).all(), backend
         np.testing.assert_allclose(out[:, rows], expect[:, rows], atol=2e-6, err_msg=backend)
@@ -49,9 +54,9 @@ def test_mask_with_cache_offset_lets_new_queries_see_the_past():
     np.testing.assert_array_equal(m, [[False, True, True, True, False], [False, True, True, True, True]])
 
 
-@pytest.mark.parametrize("s,t,block", [(1, 9, 4), (3, 9, 2), (9, 9, 4), (130, 130, 64), (5, 5, 64)])
-def test_blocked_kernel_matches_reference_across_blocks_and_cache_offsets(s, t, block):
-    from libernie.kernels.attention import attention_blocked
+@pytest.mark.parametrize("s,t,block", [(1, 9, 4), (3, 9, 2), (9, 9, 4), (130, 130, 64), (5, 5, 64), (70, 200, 16)])
+def test_blocked_kernels_match_reference_across_blocks_and_cache_offsets(s, t, block):
+    from libernie.kernels.attention import attention_blocked, attention_cpu
     rng = np.random.default_rng(s * 100 + t)
     q = paddle.to_tensor(rng.normal(size=(2, s, 6, 8)).astype(np.float32))
     k, v = (paddle.to_tensor(rng.normal(size=(2, 3, t, 8)).astype(np.float32)) for _ in range(2))
@@ -61,11 +66,14 @@ def test_blocked_kernel_matches_reference_across_blocks_and_cache_offsets(s, t, 
             (build_attention_mask(s, t),) if s == t else ()):
         ref = attention_reference(q, k, v, mask).numpy()
         np.testing.assert_allclose(attention_blocked(q, k, v, mask, block=block).numpy(), ref, atol=2e-6)
+        if "cpu" in CPU_BACKENDS:
+            np.testing.assert_allclose(attention_cpu(q, k, v, mask).numpy(), ref, atol=2e-6)
 
 
-def test_dispatch_picks_blocked_on_cpu_and_honours_override(monkeypatch):
+def test_dispatch_picks_the_cpu_kernel_for_fp32_and_honours_override(monkeypatch):
     q = paddle.zeros([1, 2, 2, 4])
-    assert attention_backend(q, None) == "blocked"
+    assert attention_backend(q, None) == ("cpu" if cpu_kernel.load() else "blocked")   # C++ kernel where built
+    assert attention_backend(q.astype("bfloat16"), None) == "blocked"   # fp32 only; the Paddle twin takes the rest
     monkeypatch.setenv("ERNIE_ATTENTION", "reference")
     assert attention_backend(q, None) == "reference"
     monkeypatch.setenv("ERNIE_ATTENTION", "bogus")
@@ -78,19 +86,6 @@ def test_reference_handles_causal_without_mask():
     k = q.transpose([0, 2, 1, 3])
     np.testing.assert_allclose(attention_reference(q, k, k).numpy(), attention(q, k, k, backend="sdpa").numpy(),
                                atol=1e-6)
-
-
-def test_blocked_kernel_skips_keys_before_the_blocks_documents():
-    from libernie.kernels.attention import attention_blocked
-    rng = np.random.default_rng(7)
-    s = 100
-    doc = np.stack([np.cumsum(rng.random(s) < 0.06), np.cumsum(rng.random(s) < 0.1)])  # ragged documents per row
-    mask = build_attention_mask(s, s, doc_ids=paddle.to_tensor(doc))
-    assert mask.first_key(80, 96) > 0  # something is skipped, so the test means something
-    q = paddle.to_tensor(rng.normal(size=(2, s, 4, 8)).astype(np.float32))
-    k, v = (paddle.to_tensor(rng.normal(size=(2, 2, s, 8)).astype(np.float32)) for _ in range(2))
-    np.testing.assert_allclose(attention_blocked(q, k, v, mask, block=16).numpy(),
-                               attention_reference(q, k, v, mask).numpy(), atol=2e-6)
 
 
 def test_gpu_dispatch_never_sends_padded_batches_to_flash(monkeypatch):
@@ -124,7 +119,7 @@ def test_dpo_rule_rejected_never_sees_chosen_in_every_backend():
     k, v = (rng.normal(size=(1, s, 2, 8)).astype(np.float32) for _ in range(2))
     expect = _numpy_attention(q, k, v, got[None])
     kh, vh = (paddle.to_tensor(a.transpose(0, 2, 1, 3).copy()) for a in (k, v))
-    for backend in ("reference", "blocked", "sdpa"):
+    for backend in CPU_BACKENDS:
         out = attention(paddle.to_tensor(q), kh, vh, mask, backend=backend).numpy()
         np.testing.assert_allclose(out[:, real], expect[:, real], atol=2e-6, err_msg=backend)
     out = attention_blocked(paddle.to_tensor(q), kh, vh, mask, block=3).numpy()

@@ -59,7 +59,8 @@ def test_prefill_plus_decode_equals_full_forward(model):
         for t in range(6, 10):
             steps.append(model(_t(ids[:, t:t + 1]), cache=cache).logits.numpy())
     assert cache.seq_len == 10
-    np.testing.assert_allclose(np.concatenate(steps, axis=1), full, atol=1e-5)
+    # fp32 noise: the prefill/decode projections and the attention kernel's online softmax round differently
+    np.testing.assert_allclose(np.concatenate(steps, axis=1), full, rtol=2e-5, atol=1e-5)
 
 
 def test_left_padded_batch_matches_unpadded_rows(model):

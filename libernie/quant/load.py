@@ -1,0 +1,159 @@
+"""Build ErnieForCausalLM from a quantized checkpoint (either layout of docs/formats/quant.md).
+
+The model is built under paddle.LazyGuard, so no float weight of a quantized Linear is ever allocated; each
+quantized Linear is replaced by a QuantLinear holding the stored integers / fp8 codes (orientation and packing
+converted to the runtime's, values untouched), and every other tensor loads as in libernie.checkpoint.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import paddle
+
+from libernie.checkpoint.names import ignorable, rules, to_paddle
+from libernie.checkpoint.safetensors_io import to_float32
+from libernie.checkpoint.sharded import CheckpointReader
+from libernie.config import ErnieConfig
+from libernie.errors import CheckpointError
+from libernie.quant import BITS
+from libernie.quant.formats import describe, hf_module, module_of
+from libernie.quant.linear import QuantLinear
+from libernie.quant.packing import pack_int4_rows, unpack_int32
+
+
+def is_quantized(cfg: ErnieConfig) -> bool:
+    return cfg.extra.get("quantization_config") is not None
+
+
+def load_quantized(cls, path, cfg: ErnieConfig, dtype: str | None = None):
+    """cls(cfg) with QuantLinear layers, weights from quantized checkpoint `path`. dtype: compute dtype of the
+    float parameters (None/fp32 on CPU)."""
+    path = os.fspath(path)
+    method, fmt = describe(cfg.extra["quantization_config"], os.path.join(path, "config.json"))
+    reader = CheckpointReader(path)
+    with paddle.LazyGuard():
+        model = cls(cfg)
+    layers = dict(model.named_sublayers())
+    params = {n: p for n, p in model.named_parameters() if ".lora_" not in n}
+    used: set[str] = set()
+    n_quant = 0
+    for rule in rules(cfg):
+        got = _read_quantized(reader, rule, method, fmt, used)
+        if got is None:
+            params.pop(rule.paddle).set_value(_read_float(reader, rule, used))
+            continue
+        mod = module_of(rule)
+        old = layers[mod]
+        parent_name, _, attr = mod.rpartition(".")
+        n_in, n_out = rule.paddle_shape
+        layer = QuantLinear(method, n_in, n_out, got["group_size"], got["qweight"], got["scale"],
+                            got.get("act_scale"), bias=getattr(old, "bias", None))
+        setattr(layers[parent_name], attr, layer)
+        params.pop(rule.paddle)
+        n_quant += 1
+    if params:
+        raise RuntimeError(f"parameters not covered by the checkpoint name table: {sorted(params)[:3]}")
+    extra = sorted(n for n in reader.keys() if n not in used and not ignorable(n, cfg))
+    if extra:
+        raise CheckpointError(f"{path}: {len(extra)} tensor(s) the quantized model does not use, first {extra[0]}; "
+                              "config.json and the weights disagree")
+    if n_quant == 0:
+        raise CheckpointError(f"{path}: config.json declares {method} but no tensor is quantized; regenerate it")
+    if dtype not in (None, "float32", "fp32"):
+        model.to(dtype={"bf16": "bfloat16", "fp16": "float16"}.get(dtype, dtype))
+    model.eval()
+    return model
+
+
+def _get(reader: CheckpointReader, name: str, used: set) -> tuple[np.ndarray, str]:
+    if name not in reader:
+        raise CheckpointError(f"{reader.path}: missing tensor {name}; the quantized checkpoint is incomplete")
+    used.add(name)
+    return reader.get(name)
+
+
+def _read_float(reader, rule, used) -> np.ndarray:
+    """A float tensor in Paddle orientation, float32."""
+    names = [rule.paddle] if reader.layout == "paddle" else list(rule.hf)
+    parts = []
+    for n, shape in zip(names, [rule.paddle_shape] if reader.layout == "paddle" else rule.hf_shapes()):
+        arr, dt = _get(reader, n, used)
+        if tuple(arr.shape) != tuple(shape):
+            raise CheckpointError(f"{reader.file_of(n)}: tensor {n} has shape {list(arr.shape)}, config.json "
+                                  f"implies {list(shape)}")
+        parts.append(to_float32(np.asarray(arr), dt))
+    return parts[0] if reader.layout == "paddle" else to_paddle(rule, parts)
+
+
+def _read_quantized(reader, rule, method, fmt, used) -> dict | None:
+    """The runtime tensors of quantized Linear `rule`, or None when the checkpoint stores it in float."""
+    n_in, n_out = rule.paddle_shape
+    if reader.layout == "paddle":
+        p = module_of(rule)
+        if p + ".quant_weight" not in reader:
+            return None
+        qw, dt = _get(reader, p + ".quant_weight", used)
+        scale = to_float32(np.asarray(_get(reader, p + ".weight_scale", used)[0]), "F32")
+        if method == "fp8":
+            _expect(reader, p + ".quant_weight", qw, (n_in, n_out), dt, "F8_E4M3")
+            act = to_float32(np.asarray(_get(reader, p + ".activation_scale", used)[0]), "F32").reshape([1])
+            return _fp8(np.asarray(qw), scale.reshape([-1])[:1].repeat(n_out), act)
+        rows = n_in // 2 if method == "wint4" else n_in
+        _expect(reader, p + ".quant_weight", qw, (rows, n_out), dt, "I8")
+        scale = scale.reshape(1, n_out) if scale.ndim == 1 else scale                 # [G, out]
+        return _ints(np.asarray(qw), scale, n_in, reader.file_of(p + ".weight_scale"))
+    # HF layout (compressed-tensors): gather the parts, then fuse as the Paddle tensor is fused
+    mods = [hf_module(n) for n in rule.hf]
+    if method == "fp8":
+        if any(reader.get(m + ".weight")[1] != "F8_E4M3" for m in mods if m + ".weight" in reader) \
+                or mods[0] + ".weight" not in reader or reader.get(mods[0] + ".weight")[1] != "F8_E4M3":
+            return None
+        codes, scales, acts = [], [], []
+        for m, width in zip(mods, rule.split or (n_out,)):
+            w, dt = _get(reader, m + ".weight", used)
+            _expect(reader, m + ".weight", w, (width, n_in), dt, "F8_E4M3")
+            codes.append(np.asarray(w))
+            s = float(to_float32(np.asarray(_get(reader, m + ".weight_scale", used)[0]), "F32").reshape(-1)[0])
+            scales.append(np.full(width, s, np.float32))
+            acts.append(float(to_float32(np.asarray(_get(reader, m + ".input_scale", used)[0]), "F32").reshape(-1)[0]))
+        # the parts see the same input; a writer that gave them different scales gets the largest (no clipping)
+        return _fp8(np.concatenate(codes, 0).T, np.concatenate(scales), np.array([max(acts)], np.float32))
+    if mods[0] + ".weight_packed" not in reader:
+        return None
+    bits, qs, ss = BITS[method], [], []
+    for m, width in zip(mods, rule.split or (n_out,)):
+        packed, dt = _get(reader, m + ".weight_packed", used)
+        if dt != "I32":
+            raise CheckpointError(f"{reader.file_of(m + '.weight_packed')}: {m}.weight_packed is {dt}, expected I32")
+        shape = _get(reader, m + ".weight_shape", used)[0] if m + ".weight_shape" in reader else None
+        if shape is not None and [int(v) for v in np.asarray(shape)] != [width, n_in]:
+            raise CheckpointError(f"{reader.file_of(m + '.weight_shape')}: {m}.weight_shape is "
+                                  f"{[int(v) for v in np.asarray(shape)]}, config.json implies {[width, n_in]}")
+        qs.append(unpack_int32(np.asarray(packed), bits, n_in))                     # [width, in] int8
+        ss.append(to_float32(np.asarray(_get(reader, m + ".weight_scale", used)[0]), "F32"))  # [width, G]
+    q = np.concatenate(qs, 0).T                                                      # [in, out]
+    if method == "wint4":
+        q = pack_int4_rows(np.ascontiguousarray(q))
+    return _ints(np.ascontiguousarray(q), np.concatenate(ss, 0).T, n_in, reader.file_of(mods[0] + ".weight_scale"))
+
+
+def _expect(reader, name, arr, shape, dt, want_dt):
+    if dt != want_dt or tuple(arr.shape) != tuple(shape):
+        raise CheckpointError(f"{reader.file_of(name)}: tensor {name} is {dt} {list(arr.shape)}, expected "
+                              f"{want_dt} {list(shape)}; was it written by ernie-quant with this config?")
+
+
+def _ints(q: np.ndarray, scale: np.ndarray, n_in: int, where: str) -> dict:
+    g = scale.shape[0]
+    if g < 1 or n_in % g:
+        raise CheckpointError(f"{where}: {g} scale groups do not divide the input width {n_in}")
+    return {"qweight": paddle.to_tensor(np.ascontiguousarray(q)),
+            "scale": paddle.to_tensor(np.ascontiguousarray(scale, dtype=np.float32)), "group_size": n_in // g}
+
+
+def _fp8(codes: np.ndarray, col_scale: np.ndarray, act: np.ndarray) -> dict:
+    """codes uint8 [in, out]; col_scale [out] (all equal when tensor-wise)."""
+    q = paddle.to_tensor(np.ascontiguousarray(codes, dtype=np.uint8)).view("float8_e4m3fn")
+    return {"qweight": q, "scale": paddle.to_tensor(col_scale.reshape(1, -1).astype(np.float32)),
+            "act_scale": paddle.to_tensor(act.astype(np.float32)), "group_size": -1}

@@ -11,7 +11,7 @@ import os
 import numpy as np
 import paddle
 
-from libernie.checkpoint.names import ignorable, rules, to_paddle
+from libernie.checkpoint.names import FUSED_LINEAR, LINEAR, ignorable, rules, to_paddle
 from libernie.checkpoint.safetensors_io import to_float32
 from libernie.checkpoint.sharded import CheckpointReader
 from libernie.config import ErnieConfig
@@ -88,6 +88,8 @@ def _read_float(reader, rule, used) -> np.ndarray:
 
 def _read_quantized(reader, rule, method, fmt, used) -> dict | None:
     """The runtime tensors of quantized Linear `rule`, or None when the checkpoint stores it in float."""
+    if rule.kind not in (LINEAR, FUSED_LINEAR):
+        return None
     n_in, n_out = rule.paddle_shape
     if reader.layout == "paddle":
         p = module_of(rule)

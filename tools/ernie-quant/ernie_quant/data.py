@@ -1,0 +1,98 @@
+"""Calibration and evaluation sequences from ernie-pack shards, checked against the model's tokenizer,
+plus the two passes over a live model that need them: activation amax (hooks) and perplexity."""
+from __future__ import annotations
+
+import os
+from typing import Iterator
+
+import numpy as np
+import paddle
+
+from libernie.config import ErnieConfig
+from libernie.data.dataset import PackedDataset
+from libernie.errors import ErnieError
+from libernie.model.loss import causal_lm_loss
+
+
+class QuantError(ErnieError):
+    """ernie-quant cannot run as asked: bad options, a wrong calibration set, an unusable model."""
+
+
+def open_dataset(prefix: str, cfg: ErnieConfig, model_dir: str, tokenizer: str | None, what: str) -> PackedDataset:
+    """PackedDataset(prefix), refused when it was packed with a tokenizer other than the model's."""
+    ds = PackedDataset(prefix, pad=False)
+    if len(ds) == 0:
+        raise QuantError(f"{ds.path}: {what} set has no sequences; pack some text with ernie-pack")
+    want = _tokenizer_sha(model_dir, tokenizer)
+    have = ds.tokenizer_sha256
+    if want and have and want != have:
+        raise QuantError(f"{ds.path}: packed with another tokenizer (sha256 {have[:12]}..) than the model's "
+                         f"({want[:12]}..); repack the {what} text with the model's tokenizer.model")
+    vocab = int(ds.manifest.tokenizer.get("vocab_size") or 0)
+    if vocab > cfg.vocab_size:
+        raise QuantError(f"{ds.path}: packed with a {vocab}-token vocabulary, the model has {cfg.vocab_size}; "
+                         f"repack the {what} text with the model's tokenizer")
+    return ds
+
+
+def _tokenizer_sha(model_dir: str, tokenizer: str | None) -> str | None:
+    from libernie.tokenizer import ErnieTokenizer
+    path = tokenizer or (model_dir if os.path.isfile(os.path.join(model_dir, "tokenizer.model")) else None)
+    return ErnieTokenizer.from_pretrained(path).sha256 if path else None
+
+
+def batches(ds: PackedDataset, n: int, seq_len: int | None = None) -> Iterator[dict[str, paddle.Tensor]]:
+    """The first `n` sequences of `ds`, one per batch, cut to `seq_len` tokens: dicts of int64 [1, s] tensors
+    input_ids, position_ids, doc_ids (unpadded, so every activation seen is a real token's)."""
+    for i in range(min(n, len(ds))):
+        s = ds[i]
+        k = s.length if seq_len is None else min(s.length, seq_len)
+        if k < 2:
+            continue
+        yield {"input_ids": paddle.to_tensor(s.input_ids[None, :k].astype(np.int64)),
+               "position_ids": paddle.to_tensor(s.position_ids[None, :k].astype(np.int64)),
+               "doc_ids": paddle.to_tensor(s.doc_ids[None, :k].astype(np.int64))}
+
+
+def check_ids(batch: dict, vocab: int, where: str) -> None:
+    top = int(batch["input_ids"].max())
+    if top >= vocab:
+        raise QuantError(f"{where}: token id {top} is outside the model's vocabulary ({vocab}); packed with "
+                         "another tokenizer? repack with the model's")
+
+
+@paddle.no_grad()
+def activation_amax(model, data, modules: list[str], where: str = "calibration") -> tuple[dict[str, float], int]:
+    """Run `model` once over `data` with a forward pre-hook on each named Linear; returns
+    ({module name: max |input|}, tokens seen)."""
+    layers = dict(model.named_sublayers())
+    amax = {m: 0.0 for m in modules}
+    hooks = []
+    for m in modules:
+        def hook(layer, inputs, m=m):
+            amax[m] = max(amax[m], float(paddle.abs(inputs[0]).max()))
+        hooks.append(layers[m].register_forward_pre_hook(hook))
+    tokens = 0
+    try:
+        for b in data:
+            check_ids(b, model.config.vocab_size, where)
+            model(b["input_ids"], position_ids=b["position_ids"], doc_ids=b["doc_ids"])
+            tokens += int(b["input_ids"].shape[1])
+    finally:
+        for h in hooks:
+            h.remove()
+    return amax, tokens
+
+
+@paddle.no_grad()
+def perplexity(model, data, where: str = "eval") -> tuple[float, int]:
+    """exp(mean next-token cross entropy) over `data` (documents never predict across a boundary)."""
+    total, count = 0.0, 0.0
+    for b in data:
+        check_ids(b, model.config.vocab_size, where)
+        out = model(b["input_ids"], position_ids=b["position_ids"], doc_ids=b["doc_ids"])
+        s, c = causal_lm_loss(out.logits, b["input_ids"], doc_ids=b["doc_ids"], reduction="none")
+        total, count = total + float(s), count + float(c)
+    if count == 0:
+        raise QuantError(f"{where}: no predictable tokens in the evaluation set")
+    return float(np.exp(total / count)), int(count)

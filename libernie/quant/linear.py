@@ -37,6 +37,8 @@ class QuantLinear(nn.Layer):
         self.register_buffer("act_scale", act_scale)
         self.bias = bias  # a Parameter or None, as nn.Linear
         self._gpu = None  # (kernel weight, kernel scale) for weight_only_linear, built on first GPU use
+        # fp8 GEMMs take one weight scale; a checkpoint whose fused parts have different scales dequantizes instead
+        self.tensorwise = method == "fp8" and float(scale.min()) == float(scale.max())
 
     def forward(self, x):                                       # [..., in] -> [..., out]
         return quant_linear(x, self)
@@ -108,6 +110,8 @@ def _arch() -> int:
 
 
 def _gpu_linear(x: paddle.Tensor, layer: QuantLinear) -> paddle.Tensor:
+    if layer.method == "fp8" and not layer.tensorwise:
+        return cpu_reference(x, layer)
     if layer.method == "fp8":
         # Paddle's fused fp8 GEMM: x and W in e4m3, one output scale act_scale * weight_scale (tensor-wise).
         xq = paddle.clip(x / layer.act_scale.astype(x.dtype), -E4M3_MAX, E4M3_MAX).astype("float8_e4m3fn")

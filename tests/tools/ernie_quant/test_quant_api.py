@@ -132,3 +132,21 @@ def test_shard_budget_is_respected(assets, tmp_path):
         sf = SafetensorsFile(str(out / f))
         total = sum(sf.span(n)[1] for n in sf.names)
         assert total <= 100_000 or len(sf.names) == 1
+
+
+def test_quantized_model_generates_what_its_dequantized_float_twin_generates(assets, tmp_path):
+    """Independent truth: a float model whose Linears hold the dequantized weights (plain nn.Linear)."""
+    import paddle
+    _, out = run(assets, tmp_path, "wint4", "fastdeploy", {"group_size": 16})
+    q = ErnieForCausalLM.from_pretrained(out)
+    twin = ErnieForCausalLM.from_pretrained(assets / "base")
+    for i in range(2):
+        for attr in ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.up_gate_proj", "mlp.down_proj"):
+            a, b = attr.split(".")
+            ql = getattr(getattr(q.ernie.layers[i], a), b)
+            getattr(getattr(twin.ernie.layers[i], a), b).weight.set_value(dequantize_weight(ql))
+    np.testing.assert_allclose(logits(q), logits(twin), rtol=1e-5, atol=1e-5)
+    prompt = [[5, 9, 1, 33, 2, 60]]
+    a = q.generate(prompt, max_new_tokens=8, temperature=0.0, eos_token_id=-1)
+    b = twin.generate(prompt, max_new_tokens=8, temperature=0.0, eos_token_id=-1)
+    assert a == b and len(a[0]) == 8

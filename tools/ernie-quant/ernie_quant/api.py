@@ -20,8 +20,7 @@ from libernie.checkpoint.sharded import atomic_dir, parse_size
 from libernie.quant import BITS, DEFAULT_GROUP, FORMATS, METHODS
 from libernie.quant.formats import hf_module, module_of, quantizable, quantization_config
 
-from ernie_quant import data as qdata
-from ernie_quant.data import QuantError
+from ernie_quant.errors import QuantError
 from ernie_quant.stream import Job, Source, copy_side_files, write
 
 ALGOS = ("rtn", "gptq")
@@ -91,8 +90,13 @@ def quantize(method: str, model: str, out: str, *, calib: str | None = None, alg
         raise QuantError(f"{out}: already exists; choose another path or pass --force")
     src = Source.open(model)
     src.check()
+    if calib or eval_prefix:  # Paddle is imported only when there is data to run; RTN alone streams without it
+        from ernie_quant import data as qdata
     chosen = _choose(src, method, group_size, tuple(skip))
+    # round-to-nearest integers need no data: a --calib given with them is checked but not run
     calib_ds = qdata.open_dataset(calib, src.cfg, model, tokenizer, "calibration") if calib else None
+    if method != "fp8" and algo == "rtn":
+        calib_ds = None
     eval_ds = qdata.open_dataset(eval_prefix, src.cfg, model, tokenizer, "evaluation") if eval_prefix else None
     job = Job(method, fmt, group_size, {r.paddle for r in chosen})
     report = {}
@@ -200,6 +204,7 @@ def _skipped_hf(src: Source, chosen) -> list[str]:
 
 
 def _calibrate(live, job: Job, ds, prefix, chosen, n, seq_len, progress) -> dict:
+    from ernie_quant import data as qdata
     t = time.perf_counter()
     data = list(_stage(progress, "calibrate", qdata.batches(ds, n, seq_len), n))
     modules = [module_of(r) for r in chosen]

@@ -10,12 +10,9 @@ import paddle
 
 from libernie.config import ErnieConfig
 from libernie.data.dataset import PackedDataset
-from libernie.errors import ErnieError
 from libernie.model.loss import causal_lm_loss
 
-
-class QuantError(ErnieError):
-    """ernie-quant cannot run as asked: bad options, a wrong calibration set, an unusable model."""
+from ernie_quant.errors import QuantError
 
 
 def open_dataset(prefix: str, cfg: ErnieConfig, model_dir: str, tokenizer: str | None, what: str) -> PackedDataset:

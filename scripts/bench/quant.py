@@ -1,0 +1,221 @@
+"""ernie-quant: quality (perplexity cost), streaming throughput next to `cp`, peak memory, and serving a wint8
+model next to fp32, each against its yardstick measured in the same run.
+
+    .venv/bin/python scripts/bench/quant.py [--demo demo-out] [--layers 12] [--shard 200MB] [--work out/bench-quant]
+        [--skip quality|throughput|serve ...]
+
+quality     on the trained demo model (DEMO/chat-model: `make demo`) and on a larger model trained here once
+            (hidden 256, 4 layers, ernie-train pretrain on the demo's packed corpus, cached in WORK): ernie-quant
+            wint8 (RTN), fp8, wint4 RTN and wint4 GPTQ (when libernie.quant.gptq_model is present) with
+            --eval on the held-out split; reports held-out perplexity of base and quantized, and the increase.
+throughput  a random bf16 base with the 0.3B widths and --layers layers in --shard shards: `ernie-quant wint8`
+            and `ernie-quant fp8 --calib` (its write pass: the summary's write_seconds) against `cp -r` of the
+            same shards, timed in turn by farm-bench (A/B ratio of wall seconds, medians); peak RSS (VmHWM of
+            ernie-quant, from its summary) against the largest shard.
+serve       the same base loaded as fp32 and as its wint8 output, each in its own process: resident weight bytes
+            (parameters + buffers) and VmRSS after load, and greedy decode tokens/s (batch 1, 32 new tokens).
+"""
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+from libernie.checkpoint import ShardedWriter, from_float32, parse_size
+from libernie.checkpoint.names import rules
+from libernie.config import ErnieConfig
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+BIN = os.path.join(ROOT, ".venv", "bin")
+PY = os.path.join(BIN, "python")
+QUANT = os.path.join(BIN, "ernie-quant")
+
+LARGER = {"vocab_size": 2048, "hidden_size": 256, "intermediate_size": 704, "num_hidden_layers": 4,
+          "num_attention_heads": 8, "num_key_value_heads": 2, "head_dim": 32, "max_position_embeddings": 2048,
+          "rope_theta": 10000.0, "tie_word_embeddings": True, "model_type": "ernie4_5"}
+
+SERVE_SIDE = r"""
+import json, sys, time
+import numpy as np, paddle
+from libernie.model import ErnieForCausalLM
+def rss():
+    return int([l for l in open("/proc/self/status") if l.startswith("VmRSS:")][0].split()[1]) / 1024
+r0 = rss()
+m = ErnieForCausalLM.from_pretrained(sys.argv[1])
+r1 = rss()
+nbytes = sum(int(np.prod(p.shape)) * p.element_size() for p in m.parameters())
+nbytes += sum(int(np.prod(b.shape)) * b.element_size() for b in m.buffers() if b is not None)
+prompt = [int(x) for x in np.random.default_rng(0).integers(3, 2000, 16)]
+m.generate(prompt, max_new_tokens=4, eos_token_id=-1)                       # warm-up
+t = time.perf_counter()
+out = m.generate(prompt, max_new_tokens=32, eos_token_id=-1)
+dt = time.perf_counter() - t
+print(json.dumps({"weight_bytes": nbytes, "rss_after_load_mb": r1, "rss_load_delta_mb": r1 - r0,
+                  "decode_tok_s": len(out[0]) / dt}))
+"""
+
+
+def run_json(cmd: list[str]) -> dict:
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode:
+        raise SystemExit(f"failed: {' '.join(cmd)}\n{r.stderr[-2000:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def have_gptq() -> bool:
+    try:
+        import libernie.quant.gptq_model  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
+# ---- quality --------------------------------------------------------------------------------------------
+def larger_model(work: str, demo: str) -> str:
+    """Train (once) a 4-layer hidden-256 ERNIE on the demo's pretrain shards; returns its checkpoint dir."""
+    out = os.path.join(work, "larger")
+    done = os.path.join(out, "pretrain.json")
+    if not os.path.exists(done):
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, "init-config.json"), "w") as f:
+            json.dump(LARGER, f)
+        cmd = [os.path.join(BIN, "ernie-train"), "pretrain", "-q", "--data", f"{demo}/data/pt-train",
+               "--init-config", os.path.join(out, "init-config.json"), "--tokenizer", f"{demo}/tokenizer",
+               "-o", os.path.join(out, "run"), "--max-steps", "300", "--save-steps", "300",
+               "--learning-rate", "2e-3", "--min-lr", "2e-4", "--warmup-steps", "20",
+               "--per-device-train-batch-size", "8"]
+        summary = run_json(cmd)
+        with open(done, "w") as f:
+            json.dump(summary, f)
+    ckpt = json.load(open(done))["checkpoint"]
+    if not os.path.exists(os.path.join(ckpt, "tokenizer.model")):
+        shutil.copy(os.path.join(demo, "tokenizer", "tokenizer.model"), ckpt)
+    return ckpt
+
+
+def quality(name: str, model: str, demo: str, work: str) -> list[dict]:
+    cfg = ErnieConfig.from_file(model)
+    gs = next(g for g in (128, 64, 32, 16, 8) if cfg.hidden_size % g == 0 and cfg.intermediate_size % g == 0
+              and cfg.q_size % g == 0)
+    runs = [("wint8", []), ("fp8", ["--calib", f"{demo}/data/pt-train"]),
+            ("wint4", ["--group-size", str(gs)])]
+    if have_gptq():
+        runs.append(("wint4", ["--group-size", str(gs), "--algo", "gptq", "--calib", f"{demo}/data/pt-train"]))
+    rows = []
+    for method, extra in runs:
+        out = os.path.join(work, f"{name}-{method}-{len(extra)}")
+        s = run_json([QUANT, method, "-q", "--model", model, "-o", out, "--force", "--eval", f"{demo}/data/pt-valid",
+                      "--eval-samples", "64", "--calib-samples", "64", *extra])
+        e = s["eval"]
+        rows.append({"model": name, "method": method, "algo": s["algo"], "group_size": s["group_size"],
+                     "base_ppl": round(e["base_ppl"], 4), "quant_ppl": round(e["quant_ppl"], 4),
+                     "ppl_increase_pct": round(e["ppl_delta_pct"], 3), "eval_tokens": e["tokens"],
+                     "max_layer_error": s["max_layer_error"], "compression": s["compression"]})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+# ---- throughput -----------------------------------------------------------------------------------------
+def build_base(path: str, layers: int, shard: str) -> None:
+    if os.path.exists(os.path.join(path, "config.json")):
+        return
+    cfg = ErnieConfig(num_hidden_layers=layers, tie_word_embeddings=True)
+    rng = np.random.default_rng(0)
+    os.makedirs(path, exist_ok=True)
+    writer = ShardedWriter(path, parse_size(shard), {"format": "np"})
+    for rule in rules(cfg):
+        w = rng.standard_normal(rule.paddle_shape, dtype=np.float32) * 0.02
+        writer.add(rule.paddle, from_float32(1.0 + w if "norm" in rule.paddle else w, "BF16"), "BF16")
+    writer.close()
+    cfg.save(path, "paddle")
+
+
+def calib_for(work: str, demo: str) -> str:
+    """A few sequences of the demo corpus re-packed with a 103424-token config's... the demo tokenizer."""
+    return f"{demo}/data/pt-valid"
+
+
+def farm(a: list[str], b: str, runs: int, timeout: int) -> tuple[str, float]:
+    cmd = ["farm-bench", "-n", str(runs), "--timeout", str(timeout), "--vs", b, "--", *a]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    text = r.stdout + r.stderr
+    m = re.search(r"^A/B wall\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)", text, re.M)
+    return text, float(m.group(2)) if m else float("nan")
+
+
+def throughput(work: str, layers: int, shard: str, demo: str) -> dict:
+    base = os.path.join(work, f"base-{layers}")
+    build_base(base, layers, shard)
+    shards = [os.path.join(base, f) for f in os.listdir(base) if f.endswith(".safetensors")]
+    total = sum(os.path.getsize(p) for p in shards)
+    largest = max(os.path.getsize(p) for p in shards)
+    for p in shards:  # page cache warm for every command alike
+        with open(p, "rb") as f:
+            while f.read(64 << 20):
+                pass
+    dst = os.path.join(work, "dst")
+    res = {"base_bytes": total, "largest_shard_mb": round(largest / 2**20, 1), "layers": layers}
+    cp = f"sh -c 'rm -rf {dst}-cp && cp -r {base} {dst}-cp'"
+    text, ratio = farm(["sh", "-c", f"{QUANT} wint8 -q --force --model {base} -o {dst}-w8 --max-shard-size {shard}"
+                        f" > {work}/w8.json"], cp, 3, 1200)
+    print(text, flush=True)
+    s = json.load(open(f"{work}/w8.json"))
+    res["wint8"] = {"time_ratio_vs_cp": ratio, "throughput_vs_cp": round(1 / ratio, 3) if ratio else None,
+                    "mb_per_s": s["mb_per_s"], "peak_rss_mb": s["peak_rss_mb"],
+                    "peak_rss_vs_largest_shard": round(s["peak_rss_mb"] / (largest / 2**20), 3)}
+    # fp8 needs calibration (a model build and forward passes, not streaming); its write pass streams like RTN:
+    # time it through the summary's write_seconds against cp's median wall from the run above.
+    calib = calib_for(work, demo)
+    s8 = run_json([QUANT, "fp8", "-q", "--force", "--model", base, "-o", f"{dst}-f8", "--calib", calib,
+                   "--calib-samples", "4", "--max-shard-size", shard])
+    t = time.perf_counter()
+    subprocess.run(["sh", "-c", f"rm -rf {dst}-cp && cp -r {base} {dst}-cp"], check=True)
+    cp_s = time.perf_counter() - t
+    res["fp8"] = {"write_seconds": s8["write_seconds"], "cp_seconds": round(cp_s, 3),
+                  "throughput_vs_cp": round(cp_s / s8["write_seconds"], 3), "mb_per_s": s8["mb_per_s"],
+                  "peak_rss_mb_whole_run": s8["peak_rss_mb"], "calib_seconds": s8["calib"]["seconds"]}
+    print(json.dumps(res), flush=True)
+    return res
+
+
+def serve(work: str, layers: int) -> dict:
+    base = os.path.join(work, f"base-{layers}")
+    w8 = os.path.join(work, "dst-w8")
+    fp = run_json([PY, "-c", SERVE_SIDE, base])
+    q = run_json([PY, "-c", SERVE_SIDE, w8])
+    res = {"fp32": fp, "wint8": q, "weight_bytes_ratio": round(q["weight_bytes"] / fp["weight_bytes"], 3),
+           "rss_after_load_ratio": round(q["rss_after_load_mb"] / fp["rss_after_load_mb"], 3),
+           "decode_tok_s_ratio": round(q["decode_tok_s"] / fp["decode_tok_s"], 3)}
+    print(json.dumps(res), flush=True)
+    return res
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--demo", default=os.path.join(ROOT, "demo-out"), help="`make demo` output directory")
+    ap.add_argument("--work", default=os.path.join(ROOT, "out", "bench-quant"))
+    ap.add_argument("--layers", type=int, default=12)
+    ap.add_argument("--shard", default="200MB")
+    ap.add_argument("--skip", action="append", default=[], choices=["quality", "throughput", "serve"])
+    a = ap.parse_args()
+    os.makedirs(a.work, exist_ok=True)
+    if not os.path.isdir(os.path.join(a.demo, "chat-model")):
+        raise SystemExit(f"{a.demo}/chat-model: not found; run `make demo` first (or pass --demo)")
+    report = {}
+    if "quality" not in a.skip:
+        report["quality"] = quality("demo", os.path.join(a.demo, "chat-model"), a.demo, a.work)
+        report["quality"] += quality("larger", larger_model(a.work, a.demo), a.demo, a.work)
+    if "throughput" not in a.skip:
+        report["throughput"] = throughput(a.work, a.layers, a.shard, a.demo)
+    if "serve" not in a.skip:
+        report["serve"] = serve(a.work, a.layers)
+    print(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -18,9 +18,9 @@ from libernie.quant import BITS
 from libernie.quant.packing import pack_int4_rows, pack_int32
 
 VERSION = 1
-# Linears quantized by default: the decoder layers' projections. Embeddings, lm_head, norms, biases and
-# (MoE) router gates never are; --skip patterns remove more.
-_TARGETS = ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.up_gate_proj", "mlp.down_proj")
+# Linears quantized by default: the decoder layers' projections, wherever they sit (dense MLP, MoE experts and
+# shared experts). Embeddings, lm_head, norms, biases and MoE router gates never are; --skip removes more.
+_TARGETS = {"qkv_proj", "o_proj", "up_gate_proj", "down_proj"}
 QUANT_MARKERS = (".quant_weight", ".weight_packed")
 
 
@@ -34,7 +34,7 @@ def quantizable(rule: Rule, skip: tuple[str, ...] = ()) -> bool:
     if rule.kind not in (LINEAR, FUSED_LINEAR) or not rule.paddle.endswith(".weight"):
         return False
     mod = module_of(rule)
-    if not mod.startswith("ernie.layers.") or not mod.endswith(_TARGETS):
+    if not mod.startswith("ernie.layers.") or mod.rsplit(".", 1)[-1] not in _TARGETS:
         return False
     return not any(fnmatch.fnmatchcase(mod, p) or fnmatch.fnmatchcase(rule.paddle, p) for p in skip)
 

@@ -16,6 +16,7 @@ from libernie.checkpoint.safetensors_io import to_float32
 from libernie.checkpoint.sharded import CheckpointReader
 from libernie.config import ErnieConfig
 from libernie.errors import CheckpointError
+from libernie.kernels import on_gpu
 from libernie.quant import BITS
 from libernie.quant.formats import describe, hf_module, module_of
 from libernie.quant.linear import QuantLinear
@@ -37,31 +38,42 @@ def load_quantized(cls, path, cfg: ErnieConfig, dtype: str | None = None):
     layers = dict(model.named_sublayers())
     params = {n: p for n, p in model.named_parameters() if ".lora_" not in n}
     used: set[str] = set()
-    n_quant = 0
+    quantized = {}
     for rule in rules(cfg):
         got = _read_quantized(reader, rule, method, fmt, used)
         if got is None:
             params.pop(rule.paddle).set_value(_read_float(reader, rule, used))
-            continue
-        mod = module_of(rule)
-        old = layers[mod]
-        parent_name, _, attr = mod.rpartition(".")
-        n_in, n_out = rule.paddle_shape
-        layer = QuantLinear(method, n_in, n_out, got["group_size"], got["qweight"], got["scale"],
-                            got.get("act_scale"), bias=getattr(old, "bias", None))
-        setattr(layers[parent_name], attr, layer)
-        params.pop(rule.paddle)
-        n_quant += 1
+        else:
+            params.pop(rule.paddle)
+            quantized[rule] = got
     if params:
         raise RuntimeError(f"parameters not covered by the checkpoint name table: {sorted(params)[:3]}")
     extra = sorted(n for n in reader.keys() if n not in used and not ignorable(n, cfg))
     if extra:
         raise CheckpointError(f"{path}: {len(extra)} tensor(s) the quantized model does not use, first {extra[0]}; "
                               "config.json and the weights disagree")
-    if n_quant == 0:
+    if not quantized:
         raise CheckpointError(f"{path}: config.json declares {method} but no tensor is quantized; regenerate it")
+    # Swap each quantized Linear for a holder of its bias alone (its float weight, never materialized, goes), cast
+    # the float parts if asked (Layer.to casts every buffer in place, so the quantized storage must not be in the
+    # model yet), then put the QuantLinears in.
+    holders = {}
+    for rule in quantized:
+        mod = module_of(rule)
+        parent_name, _, attr = mod.rpartition(".")
+        holder = paddle.nn.Layer()
+        holder.bias = getattr(layers[mod], "bias", None)
+        setattr(layers[parent_name], attr, holder)
+        holders[rule] = (layers[parent_name], attr, holder)
+    if dtype is None and on_gpu():  # the GPU kernels take half-precision activations
+        dtype = "bfloat16"
     if dtype not in (None, "float32", "fp32"):
         model.to(dtype={"bf16": "bfloat16", "fp16": "float16"}.get(dtype, dtype))
+    for rule, got in quantized.items():
+        parent, attr, holder = holders[rule]
+        n_in, n_out = rule.paddle_shape
+        setattr(parent, attr, QuantLinear(method, n_in, n_out, got["group_size"], got["qweight"], got["scale"],
+                                          got.get("act_scale"), bias=holder.bias))
     model.eval()
     return model
 

@@ -150,3 +150,23 @@ def test_quantized_model_generates_what_its_dequantized_float_twin_generates(ass
     a = q.generate(prompt, max_new_tokens=8, temperature=0.0, eos_token_id=-1)
     b = twin.generate(prompt, max_new_tokens=8, temperature=0.0, eos_token_id=-1)
     assert a == b and len(a[0]) == 8
+
+
+def test_rtn_ints_ignore_calib_data(assets, tmp_path):
+    s, _ = run(assets, tmp_path, "wint8", "fastdeploy", {"calib": True})
+    assert s.calib is None and s.algo == "rtn"
+
+
+@pytest.mark.parametrize("method,kw", [("wint4", {"group_size": 16}), ("fp8", {"calib": True})])
+def test_half_precision_load_casts_float_parts_only(assets, tmp_path, method, kw):
+    """What a GPU load does (bf16 activations): the quantized storage and its fp32 scales are never cast."""
+    _, out = run(assets, tmp_path, method, "fastdeploy", kw)
+    a = ErnieForCausalLM.from_pretrained(out)
+    b = ErnieForCausalLM.from_pretrained(out, dtype="bf16")
+    assert str(b.ernie.embed_tokens.weight.dtype).endswith("bfloat16")
+    for la, lb in ((a.ernie.layers[0].mlp.down_proj, b.ernie.layers[0].mlp.down_proj),
+                   (a.ernie.layers[1].self_attn.qkv_proj, b.ernie.layers[1].self_attn.qkv_proj)):
+        assert lb.qweight.dtype == la.qweight.dtype and lb.scale.dtype == la.scale.dtype
+        np.testing.assert_array_equal(lb.qweight.view("uint8").numpy() if method == "fp8" else lb.qweight.numpy(),
+                                      la.qweight.view("uint8").numpy() if method == "fp8" else la.qweight.numpy())
+        np.testing.assert_array_equal(lb.scale.numpy(), la.scale.numpy())

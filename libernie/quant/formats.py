@@ -47,10 +47,17 @@ def hf_module(name: str) -> str:
 class QuantResult:
     """One quantized Linear, orientation [out, in] over the whole (fused) Paddle tensor."""
     method: str                     # wint8 | wint4 | fp8
-    q: np.ndarray                   # int8 [out, in] (ints) or uint8 e4m3 codes [out, in] (fp8)
+    q: np.ndarray | None            # int8 [out, in] (ints) or uint8 e4m3 codes [out, in] (fp8)
     scale: np.ndarray               # float32 [out, G] (ints) or [1] (fp8)
     act_scale: np.ndarray | None = None  # float32 [1] (fp8)
     group_size: int = -1
+    qt: np.ndarray | None = None    # the same values in Paddle orientation [in, out], when the writer built them so
+
+    def paddle_q(self) -> np.ndarray:
+        return self.qt if self.qt is not None else self.q.T
+
+    def hf_q(self) -> np.ndarray:
+        return self.q if self.q is not None else self.qt.T
 
 
 def tensors_for(rule: Rule, r: QuantResult, fmt: str) -> list[tuple[str, np.ndarray, str]]:
@@ -58,9 +65,9 @@ def tensors_for(rule: Rule, r: QuantResult, fmt: str) -> list[tuple[str, np.ndar
     if fmt == "fastdeploy":
         p = module_of(rule)
         if r.method == "fp8":
-            return [(p + ".quant_weight", r.q.T, "F8_E4M3"), (p + ".weight_scale", _f32(r.scale), "F32"),
+            return [(p + ".quant_weight", r.paddle_q(), "F8_E4M3"), (p + ".weight_scale", _f32(r.scale), "F32"),
                     (p + ".activation_scale", _f32(r.act_scale), "F32")]
-        qt = r.q.T                                                           # [in, out]
+        qt = r.paddle_q()                                                    # [in, out]
         if r.method == "wint4":
             qt = pack_int4_rows(qt)                                          # [in/2, out]
         scale = r.scale[:, 0] if r.group_size == -1 else r.scale.T           # [out] | [G, out]
@@ -72,10 +79,10 @@ def tensors_for(rule: Rule, r: QuantResult, fmt: str) -> list[tuple[str, np.ndar
         m, rows = hf_module(name), slice(lo, lo + width)
         lo += width
         if r.method == "fp8":
-            out += [(m + ".weight", r.q[rows], "F8_E4M3"), (m + ".weight_scale", _f32(r.scale), "F32"),
+            out += [(m + ".weight", r.hf_q()[rows], "F8_E4M3"), (m + ".weight_scale", _f32(r.scale), "F32"),
                     (m + ".input_scale", _f32(r.act_scale), "F32")]
         else:
-            q = r.q[rows]
+            q = r.hf_q()[rows]
             out += [(m + ".weight_packed", pack_int32(q, BITS[r.method]), "I32"),
                     (m + ".weight_scale", _f32(r.scale[rows]), "F32"),
                     (m + ".weight_shape", np.array(q.shape, np.int64), "I64")]

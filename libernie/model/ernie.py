@@ -118,6 +118,16 @@ class ErnieModel(nn.Layer):
         """
         b, s = input_ids.shape
         past = cache.seq_len if cache is not None else 0
+        rope, mask = self.rope_and_mask(b, s, position_ids, doc_ids, attention_mask, past, roles)
+        x = self.embed_tokens(input_ids)                                     # [b, s, h]
+        for layer in self.layers:
+            x = layer(x, rope, mask, cache)
+        return self.norm(x)
+
+    def rope_and_mask(self, b: int, s: int, position_ids=None, doc_ids=None, attention_mask=None, past: int = 0,
+                      roles=None):
+        """(rope, mask) that every DecoderLayer of one forward shares; also used to run layers one at a
+        time (libernie.quant.gptq_model). Arguments as in forward; past = tokens already in the cache."""
         if position_ids is None:
             position_ids = default_position_ids(b, s, doc_ids=doc_ids, key_padding=attention_mask, past=past)
         cfg = self.cfg
@@ -128,10 +138,7 @@ class ErnieModel(nn.Layer):
                 "k": (cos.expand([b, s, cfg.num_key_value_heads, cfg.head_dim]),
                       sin.expand([b, s, cfg.num_key_value_heads, cfg.head_dim]))}
         mask = build_attention_mask(s, past + s, doc_ids=doc_ids, key_padding=attention_mask, roles=roles)
-        x = self.embed_tokens(input_ids)                                     # [b, s, h]
-        for layer in self.layers:
-            x = layer(x, rope, mask, cache)
-        return self.norm(x)
+        return rope, mask
 
 
 @dataclass

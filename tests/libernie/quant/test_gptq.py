@@ -22,6 +22,29 @@ def _hessian(x: np.ndarray) -> np.ndarray:
     return acc.H
 
 
+def _obs_reference(w, H, bits, group_size, damp=0.01):
+    """GPTQ as the paper first states it (OBS, eq. 2-3, in a fixed column order), written independently of
+    gptq.py: quantize the first remaining column, move its error onto the remaining columns with the inverse
+    of the remaining rows/columns of H, inverted afresh every step (no Cholesky, no lazy batches)."""
+    qmax = {8: 127, 4: 7}[bits]
+    W, H = np.array(w, dtype=np.float64), np.array(H, dtype=np.float64)
+    n = W.shape[1]
+    g = n if group_size == -1 else group_size
+    dead = np.diag(H) == 0
+    H[dead, dead], W[:, dead] = 1.0, 0.0
+    H += damp * np.mean(np.diag(H)) * np.eye(n)
+    Q, scales = np.zeros(W.shape, dtype=np.int64), []
+    for j in range(n):
+        if j % g == 0:                         # the group's scale, from the weights as updated so far
+            amax = np.abs(W[:, j:j + g]).max(axis=1)
+            scales.append(np.where(amax > 0, amax / qmax, 1.0).astype(np.float32))
+        s = scales[-1].astype(np.float64)
+        Q[:, j] = np.clip(np.rint(W[:, j] / s), -qmax - 1, qmax)
+        Hinv = np.linalg.inv(H[j:, j:])       # remaining columns F = j..n-1
+        W[:, j:] -= np.outer((W[:, j] - Q[:, j] * s) / Hinv[0, 0], Hinv[0])
+    return Q, np.stack(scales, axis=1)
+
+
 def _out_err(x, w, q, scale, group_size) -> float:
     """‖X Wᵀ − X Ŵᵀ‖_F: the layer output error GPTQ minimises."""
     return float(np.linalg.norm(x @ (w.astype(np.float64) - dequantize(q, scale, group_size)).T))
@@ -109,6 +132,22 @@ def test_gptq_by_hand_carries_the_rounding_error_to_a_correlated_column():
     e = w[0].astype(np.float64) - dequantize(q, scale, -1)[0]
     e_rtn = w[0] - dequantize(*rtn_quantize(w, 4, -1), -1)[0]
     assert e @ H @ e == pytest.approx(0.28) and e_rtn @ H @ e_rtn == pytest.approx(0.48)
+
+
+@pytest.mark.parametrize("bits,group_size", [(4, -1), (4, 8), (8, -1), (8, 16)])
+def test_gptq_equals_the_obs_reference(bits, group_size):
+    # The Cholesky reformulation and lazy batch updates (block 5: blocks and groups out of step) must give
+    # the result of the plain OBS recursion, dead columns included.
+    rng = np.random.default_rng(bits + group_size)
+    w = rng.normal(size=(20, 48)).astype(np.float32)
+    x = _correlated(bits, 300, 48)
+    x[:, [6, 30]] = 0.0
+    H = _hessian(x)
+    q, scale = gptq_quantize(w, H, bits, group_size, block=5)
+    q_ref, scale_ref = _obs_reference(w, H, bits, group_size)
+    np.testing.assert_allclose(scale, scale_ref, rtol=1e-6)
+    np.testing.assert_array_equal(q, q_ref)
+    assert (q != rtn_quantize(w, bits, group_size)[0]).any()          # and it is not simply RTN
 
 
 @pytest.mark.parametrize("bits,group_size", [(4, -1), (4, 16), (8, -1), (8, 32)])

@@ -170,3 +170,16 @@ def test_half_precision_load_casts_float_parts_only(assets, tmp_path, method, kw
         np.testing.assert_array_equal(lb.qweight.view("uint8").numpy() if method == "fp8" else lb.qweight.numpy(),
                                       la.qweight.view("uint8").numpy() if method == "fp8" else la.qweight.numpy())
         np.testing.assert_array_equal(lb.scale.numpy(), la.scale.numpy())
+
+
+def test_gptq_is_wired_and_its_integers_are_what_is_stored(assets, tmp_path):
+    """--algo gptq runs libernie.quant.gptq_model on the calibration sequences; the file holds its integers."""
+    s, out = run(assets, tmp_path, "wint4", "fastdeploy", {"group_size": 16, "algo": "gptq", "calib": True,
+                                                             "calib_samples": 8})
+    r, _ = run(assets, tmp_path / "rtn", "wint4", "fastdeploy", {"group_size": 16})
+    assert s.algo == "gptq" and s.calib["sequences"] == 8
+    assert json.load(open(out / "config.json"))["quantization_config"]["ernie_tools"]["algo"] == "gptq"
+    g = ErnieForCausalLM.from_pretrained(out).ernie.layers[1].mlp.down_proj
+    rt = ErnieForCausalLM.from_pretrained(tmp_path / "rtn" / "wint4-fastdeploy").ernie.layers[1].mlp.down_proj
+    assert not np.array_equal(g.qweight.numpy(), rt.qweight.numpy())   # not round to nearest
+    assert s.layer_error.keys() == r.layer_error.keys()

@@ -61,7 +61,7 @@ kill -TERM "$SERVE_PID"; wait "$SERVE_PID" || true; trap - EXIT
 say "8. quantize the merged model (wint8 and fp8, FastDeploy layout) and measure the perplexity cost"
 for method in wint8 fp8; do
   ernie-quant "$method" --model "$OUT/chat-model" -o "$OUT/chat-model-$method" --calib "$OUT/data/pt-train" \
-    --calib-samples 32 --eval "$OUT/data/pt-valid" -q \
+    --eval "$OUT/data/pt-valid" -q \
     | python -c 'import json,sys; s=json.load(sys.stdin); e=s["eval"]; print("%-5s %7d -> %7d bytes  held-out ppl %.3f -> %.3f (%+.2f%%)  max layer error %.4f" % (s["method"], s["bytes_before"], s["bytes_after"], e["base_ppl"], e["quant_ppl"], e["ppl_delta_pct"], s["max_layer_error"]))'
 done
 

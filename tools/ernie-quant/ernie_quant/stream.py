@@ -22,6 +22,7 @@ from libernie.quant.fp8 import decode_e4m3, encode_e4m3, tensor_scale
 
 _SKIP_SUFFIXES = (".safetensors", ".partial", ".safetensors.index.json", ".bin", ".pdparams", ".pdopt", ".pt",
                   ".pth", ".ckpt")
+_SKIP_PREFIXES = ("trainer_state", "optimizer", "scheduler", "rng_state", "training_args")  # an ernie-train checkpoint
 
 
 @dataclass
@@ -256,11 +257,13 @@ def write(src: Source, job: Job, tmp: str, max_bytes: int, meta: dict, progress=
 
 
 def copy_side_files(src_dir: str, dst_dir: str) -> list[str]:
-    """Tokenizer, chat template, generation config...: every regular file but weights and config.json."""
+    """Tokenizer, chat template, generation config...: every regular file but weights, config.json and
+    training state."""
     copied = []
     for fname in sorted(os.listdir(src_dir)):
         p = os.path.join(src_dir, fname)
-        if (fname in (INDEX, SINGLE, "config.json") or fname.endswith(_SKIP_SUFFIXES) or fname.startswith(".")
+        if (fname in (INDEX, SINGLE, "config.json") or fname.endswith(_SKIP_SUFFIXES)
+                or fname.startswith(_SKIP_PREFIXES) or fname.startswith(".")
                 or not os.path.isfile(p)):
             continue
         shutil.copy2(p, os.path.join(dst_dir, fname))

@@ -13,9 +13,11 @@ def invoke(args):
     return CliRunner().invoke(cli, args)
 
 
-def check_error(res, out, *needles, code=1):
+def check_error(res, out, *needles, code=1, last_line=False):
     assert res.exit_code == code, res.output
     err = res.stderr.strip()
+    if last_line:  # failed mid-run: progress lines came first, the error is the last line
+        err = err.splitlines()[-1]
     assert err.count("\n") == 0 or code == 2, err          # one line (click's usage errors add a usage line)
     for n in needles:
         assert n in err, err
@@ -84,3 +86,21 @@ def test_existing_output_needs_force(assets, tmp_path):
     out.mkdir()
     res = invoke(["wint8", "--model", str(assets / "base"), "-o", str(out)])
     assert res.exit_code == 1 and "already exists" in res.stderr and os.listdir(out) == []
+
+
+@pytest.mark.parametrize("method", ["wint8", "fp8"])
+def test_non_finite_weights(assets, tmp_path, method):
+    from quant_testlib import make_model
+    from libernie.model import ErnieForCausalLM
+    import numpy as np
+    make_model(tmp_path / "nan")
+    m = ErnieForCausalLM.from_pretrained(tmp_path / "nan")
+    w = m.ernie.layers[1].mlp.down_proj.weight
+    a = w.numpy()
+    a[3, 5] = np.nan
+    w.set_value(a)
+    m.save_pretrained(tmp_path / "nan", layout="paddle", max_shard_size="200KB")
+    out = str(tmp_path / "o")
+    extra = ["--calib", str(assets / "calib"), "--calib-samples", "2"] if method == "fp8" else []
+    check_error(invoke([method, "--model", str(tmp_path / "nan"), "-o", out, *extra]), out,
+                "ernie.layers.1.mlp.down_proj.weight", ".safetensors", "non-finite", last_line=True)

@@ -15,10 +15,12 @@ from libernie.checkpoint.safetensors_io import SafetensorsFile
 from libernie.checkpoint.sharded import INDEX, SINGLE, CheckpointReader
 from libernie.checkpoint.stream import Entry, StreamingWriter, read_array, tensor_span, widen
 from libernie.config import ErnieConfig
-from libernie.errors import CheckpointError
+from libernie.errors import CheckpointError, ErnieError
 from libernie.quant import BITS
 from libernie.quant.formats import QUANT_MARKERS, QuantResult, module_of, planned, tensors_for
 from libernie.quant.fp8 import decode_e4m3, encode_e4m3, tensor_scale
+
+from ernie_quant.errors import QuantError
 
 _SKIP_SUFFIXES = (".safetensors", ".partial", ".safetensors.index.json", ".bin", ".pdparams", ".pdopt", ".pt",
                   ".pth", ".ckpt")
@@ -165,6 +167,15 @@ def _map(fn, items: list) -> list:
     return list(_POOL.map(fn, items))
 
 
+def _finite(rows):
+    def checked(r0, r1):
+        blk = rows(r0, r1)
+        if not np.isfinite(blk).all():
+            raise QuantError("non-finite weights (NaN or inf); the checkpoint is corrupt or its training diverged")
+        return blk
+    return checked
+
+
 def quantize_rule(n_out: int, n_in: int, rows, job: Job, rule: Rule) -> tuple[QuantResult, float]:
     """A Linear weight given as rows(r0, r1) -> float32 [r1 - r0, in] (HF orientation) -> (QuantResult,
     relative Frobenius error ||W - W'|| / ||W||).
@@ -175,6 +186,7 @@ def quantize_rule(n_out: int, n_in: int, rows, job: Job, rule: Rule) -> tuple[Qu
     transpose ever happens.
     """
     from libernie.quant.gptq import dequantize, rtn_quantize
+    rows = _finite(rows)
     step = max(16, _BLOCK_ELEMS // n_in)
     blocks = [(i, min(i + step, n_out)) for i in range(0, n_out, step)]
     paddle_out = job.fmt == "fastdeploy"
@@ -233,7 +245,11 @@ def write(src: Source, job: Job, tmp: str, max_bytes: int, meta: dict, progress=
     try:
         for i, rule in enumerate(src.ordered_rules()):
             if rule.paddle in job.quantized:
-                res, errors[rule.paddle] = quantize_rule(*src.linear_rows(rule), job, rule)
+                try:
+                    res, errors[rule.paddle] = quantize_rule(*src.linear_rows(rule), job, rule)
+                except ErnieError as e:  # e.g. non-finite weights: name the tensor and its file
+                    n = src.names(rule)[0]
+                    raise CheckpointError(f"{src.files[n].path}: {rule.paddle}: {e}") from None
                 for name, arr, dt in tensors_for(rule, res, job.fmt):
                     writer.write(name, np.ascontiguousarray(arr), dt)
             elif src.reader.layout == job.layout or rule.kind == "same":

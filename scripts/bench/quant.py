@@ -4,11 +4,11 @@ model next to fp32, each against its yardstick measured in the same run.
     .venv/bin/python scripts/bench/quant.py [--demo demo-out] [--layers 12] [--shard 200MB] [--work out/bench-quant]
         [--skip quality|throughput|serve ...]
 
-quality     on the trained demo model (the pretrained checkpoint of `make demo`; its merged chat model too) and
-            on a larger model trained here once
+quality     on the trained demo model (the pretrained checkpoint of `make demo`) and on a larger model trained
+            here once
             (hidden 256, 4 layers, ernie-train pretrain on the demo's packed corpus, cached in WORK): ernie-quant
-            wint8 (RTN), fp8, wint4 RTN and wint4 GPTQ (when libernie.quant.gptq_model is present) with
-            --eval on the held-out split; reports held-out perplexity of base and quantized, and the increase.
+            wint8 (RTN), fp8, and wint4 RTN and GPTQ (when libernie.quant.gptq_model is present), in groups and
+            per channel, with --eval on the held-out split: held-out perplexity of base and quantized, increase.
 throughput  a random bf16 base with the 0.3B widths and --layers layers in --shard shards: `ernie-quant wint8`
             and `ernie-quant fp8 --calib` (its write pass: the summary's write_seconds) against `cp -r` of the
             same shards, timed in turn by farm-bench (A/B ratio of wall seconds, medians); peak RSS (VmHWM of
@@ -94,13 +94,15 @@ def quality(name: str, model: str, demo: str, work: str) -> list[dict]:
     cfg = ErnieConfig.from_file(model)
     gs = next(g for g in (128, 64, 32, 16, 8) if cfg.hidden_size % g == 0 and cfg.intermediate_size % g == 0
               and cfg.q_size % g == 0)
-    runs = [("wint8", []), ("fp8", ["--calib", f"{demo}/data/pt-train"]),
-            ("wint4", ["--group-size", str(gs)])]
-    if have_gptq():
-        runs.append(("wint4", ["--group-size", str(gs), "--algo", "gptq", "--calib", f"{demo}/data/pt-train"]))
+    calib = ["--calib", f"{demo}/data/pt-train"]
+    runs = [("wint8", []), ("fp8", calib)]
+    for g in (str(gs), "-1"):   # groups, then per channel (coarser: where GPTQ has more to recover)
+        runs.append(("wint4", ["--group-size", g]))
+        if have_gptq():
+            runs.append(("wint4", ["--group-size", g, "--algo", "gptq", *calib]))
     rows = []
     for method, extra in runs:
-        out = os.path.join(work, f"{name}-{method}-{len(extra)}")
+        out = os.path.join(work, f"{name}-{method}")
         s = run_json([QUANT, method, "-q", "--model", model, "-o", out, "--force", "--eval", f"{demo}/data/pt-valid",
                       "--eval-samples", "64", "--calib-samples", "64", *extra])
         e = s["eval"]
@@ -239,12 +241,11 @@ def main():
         raise SystemExit(f"{a.demo}/chat-model: not found; run `make demo` first (or pass --demo)")
     report = {}
     if "quality" not in a.skip:
-        # the demo's pretrained model is evaluated on the held-out split of its own pretraining corpus; the merged
-        # chat model (SFT on arithmetic) on the same text is reported too, but that text is not its distribution
+        # the demo's pretrained model, on the held-out split of its own pretraining corpus (the merged chat model
+        # is SFT'd on arithmetic: that text is not its distribution, so its deltas there say little)
         pretrained = json.load(open(os.path.join(a.demo, "pretrain.json")))["checkpoint"]
         report["quality"] = quality("demo-pretrain", pretrained, a.demo, a.work)
         report["quality"] += quality("larger", larger_model(a.work, a.demo), a.demo, a.work)
-        report["quality"] += quality("demo-chat", os.path.join(a.demo, "chat-model"), a.demo, a.work)
     if "throughput" not in a.skip:
         report["throughput"] = throughput(a.work, a.layers, a.shard, a.demo)
     if "serve" not in a.skip:

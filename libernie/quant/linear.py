@@ -86,7 +86,13 @@ def cpu_reference(x: paddle.Tensor, layer: QuantLinear) -> paddle.Tensor:
     """Plain Paddle: dequantize, (fp8: fake-quantize x), matmul, add bias."""
     if layer.method == "fp8":
         x = fake_quant_fp8(x, layer.act_scale)
-    y = paddle.matmul(x, dequantize_weight(layer, x.dtype))
+    if layer.method == "fp8" or layer.scale.shape[0] == 1:
+        # one scale per output column: apply it to the [.., out] result, not to every weight ([in, out]): one
+        # pass over the weight (the cast) per matmul instead of two
+        q = unpack_int4(layer.qweight) if layer.method == "wint4" else layer.qweight
+        y = paddle.matmul(x, q.astype(x.dtype)) * layer.scale.astype(x.dtype).reshape([-1])
+    else:
+        y = paddle.matmul(x, dequantize_weight(layer, x.dtype))
     return y + layer.bias if layer.bias is not None else y
 
 

@@ -177,7 +177,7 @@ def _rss_mb(pid: int) -> float:
         return int(next(l for l in f if l.startswith("VmRSS:")).split()[1]) / 1024
 
 
-def serve_one(model: str, tokens: int = 64) -> dict:
+def serve_one(model: str, tokenizer: str, tokens: int = 64) -> dict:
     """ernie-serve MODEL on a free port: VmRSS once healthy, then greedy decode tokens/s of one request
     (warm-up request first; time of a `tokens`-token completion minus a 1-token one, i.e. decode steps only)."""
     import socket
@@ -186,11 +186,13 @@ def serve_one(model: str, tokens: int = 64) -> dict:
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
     sock.close()
-    proc = subprocess.Popen([os.path.join(BIN, "ernie-serve"), model, "--port", str(port), "-q"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen([os.path.join(BIN, "ernie-serve"), model, "--port", str(port), "-q",
+                             "--tokenizer", tokenizer], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}"
     try:
         for _ in range(600):
+            if proc.poll() is not None:
+                raise SystemExit(f"ernie-serve {model} exited: {proc.stderr.read().decode()[-2000:]}")
             try:
                 urllib.request.urlopen(url + "/health", timeout=1)
                 break
@@ -214,12 +216,12 @@ def serve_one(model: str, tokens: int = 64) -> dict:
         proc.wait()
 
 
-def serve(work: str, layers: int) -> dict:
+def serve(work: str, layers: int, tokenizer: str) -> dict:
     base = os.path.join(work, f"base-{layers}")
     w8 = os.path.join(work, "dst-w8")
     res = {}
     for name, path in (("fp32", base), ("wint8", w8)):
-        res[name] = {**run_json([PY, "-c", WEIGHTS_SIDE, path]), **serve_one(path)}
+        res[name] = {**run_json([PY, "-c", WEIGHTS_SIDE, path]), **serve_one(path, tokenizer)}
         print(json.dumps({name: res[name]}), flush=True)
     res["weight_bytes_ratio"] = round(res["wint8"]["weight_bytes"] / res["fp32"]["weight_bytes"], 3)
     res["rss_ratio"] = round(res["wint8"]["rss_mb"] / res["fp32"]["rss_mb"], 3)
@@ -249,7 +251,7 @@ def main():
     if "throughput" not in a.skip:
         report["throughput"] = throughput(a.work, a.layers, a.shard, a.demo)
     if "serve" not in a.skip:
-        report["serve"] = serve(a.work, a.layers)
+        report["serve"] = serve(a.work, a.layers, os.path.join(a.demo, "tokenizer"))
     print(json.dumps(report, indent=1))
 
 

@@ -87,7 +87,7 @@ def _group(ctx, param, value):
                    "'*.down_proj') in float. Repeatable. Embeddings, lm_head and norms are never quantized.")
 @click.option("--format", "fmt", type=click.Choice(["fastdeploy", "compressed-tensors"]), default="fastdeploy",
               show_default=True, help="fastdeploy: Paddle layout, FastDeploy names; compressed-tensors: HF layout "
-                                      "that transformers and vLLM load.")
+                                      "that transformers (and vLLM) read.")
 @click.option("--eval", "eval_prefix", metavar="PREFIX",
               help="Held-out ernie-pack dataset: report perplexity of the base and the quantized model.")
 @tokenizer_option(required=False, help="Tokenizer the shards must match (default: the model directory's).")
@@ -115,7 +115,7 @@ def cli(method, model, out, calib, algo, group_size, skip, fmt, eval_prefix, tok
 
     Round to nearest and fp8 weights stream one tensor at a time (memory about one tensor, any model size).
     OUTDIR loads in ernie-serve and ErnieForCausalLM.from_pretrained; --format compressed-tensors also in
-    transformers and vLLM. stdout gets one JSON summary; stderr gets progress.
+    transformers (the format vLLM reads too). stdout gets one JSON summary; stderr gets progress.
     """
     if method not in api.METHODS:
         raise click.UsageError(f"unknown method {method!r}; use one of {', '.join(api.METHODS)}")

@@ -237,11 +237,17 @@ def quantize_rule(n_out: int, n_in: int, rows, job: Job, rule: Rule) -> tuple[Qu
 
 
 def write(src: Source, job: Job, tmp: str, max_bytes: int, meta: dict, progress=None) -> tuple[dict, dict, int]:
-    """Every tensor of `src` into `tmp` as `job` says. Returns (index, {Paddle name: relative error}, bytes read)."""
+    """Every tensor of `src` into `tmp` as `job` says. Returns (index, {Paddle name: relative error}, bytes read).
+
+    One writer thread puts tensor group k on disk while group k+1 is read and quantized (pwrite drops the GIL):
+    at most two groups are in memory. All StreamingWriter calls happen on that thread, in plan order.
+    """
     entries = plan(src, job)
     writer = StreamingWriter(tmp, entries, max_bytes, meta)
     errors, done = {}, 0
     total = sum(src.nbytes(r) for r in src.ordered_rules())
+    disk = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ernie-quant-writer")
+    pending = None
     try:
         for i, rule in enumerate(src.ordered_rules()):
             if rule.paddle in job.quantized:
@@ -250,24 +256,30 @@ def write(src: Source, job: Job, tmp: str, max_bytes: int, meta: dict, progress=
                 except ErnieError as e:  # e.g. non-finite weights: name the tensor and its file
                     n = src.names(rule)[0]
                     raise CheckpointError(f"{src.files[n].path}: {rule.paddle}: {e}") from None
-                for name, arr, dt in tensors_for(rule, res, job.fmt):
-                    writer.write(name, np.ascontiguousarray(arr), dt)
+                ops = [(writer.write, name, np.ascontiguousarray(arr), dt)
+                       for name, arr, dt in tensors_for(rule, res, job.fmt)]
             elif src.reader.layout == job.layout or rule.kind == "same":
                 outs = float_outputs(src, rule, job.layout)
-                for (name, _, _), srcname in zip(outs, src.names(rule)):
-                    writer.copy(name, src.files[srcname], srcname)
+                ops = [(writer.copy, name, src.files[srcname], srcname)
+                       for (name, _, _), srcname in zip(outs, src.names(rule))]
             else:                                               # layout conversion of a float tensor, bits moved
                 arrays = [read_array(src.files[n], n) for n in src.names(rule)]
                 dt = src.files[src.names(rule)[0]].dtype(src.names(rule)[0])
                 w = arrays[0] if src.reader.layout == "paddle" else to_paddle(rule, arrays)
                 produced = [w] if job.layout == "paddle" else to_hf(rule, w)
-                for arr, (name, _, _) in zip(produced, float_outputs(src, rule, job.layout)):
-                    writer.write(name, arr, dt)
+                ops = [(writer.write, name, arr, dt)
+                       for arr, (name, _, _) in zip(produced, float_outputs(src, rule, job.layout))]
+            if pending is not None:
+                pending.result()                                # the previous group is on disk (or raises)
+            pending = disk.submit(lambda ops=ops: [f(*args) for f, *args in ops])
             done += src.nbytes(rule)
             if progress:
                 progress(done, total, i + 1)
+        if pending is not None:
+            pending.result()
         index = writer.close()
     finally:
+        disk.shutdown(wait=True)
         writer.release()
     return index, errors, total
 

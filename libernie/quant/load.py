@@ -42,7 +42,7 @@ def load_quantized(cls, path, cfg: ErnieConfig, dtype: str | None = None):
     for rule in rules(cfg):
         got = _read_quantized(reader, rule, method, fmt, used)
         if got is None:
-            params.pop(rule.paddle).set_value(_read_float(reader, rule, used))
+            params.pop(rule.paddle).set_value(read_float(reader, rule, used))
         else:
             params.pop(rule.paddle)
             quantized[rule] = got
@@ -85,7 +85,7 @@ def _get(reader: CheckpointReader, name: str, used: set) -> tuple[np.ndarray, st
     return reader.get(name)
 
 
-def _read_float(reader, rule, used) -> np.ndarray:
+def read_float(reader, rule, used: set) -> np.ndarray:
     """A float tensor in Paddle orientation, float32."""
     names = [rule.paddle] if reader.layout == "paddle" else list(rule.hf)
     parts = []

@@ -183,3 +183,22 @@ def test_gptq_is_wired_and_its_integers_are_what_is_stored(assets, tmp_path):
     rt = ErnieForCausalLM.from_pretrained(tmp_path / "rtn" / "wint4-fastdeploy").ernie.layers[1].mlp.down_proj
     assert not np.array_equal(g.qweight.numpy(), rt.qweight.numpy())   # not round to nearest
     assert s.layer_error.keys() == r.layer_error.keys()
+
+
+@pytest.mark.parametrize("base", ["base", "base-hf"])
+def test_streaming_calibration_equals_whole_model_hooks(assets, base):
+    from libernie.config import ErnieConfig
+    from ernie_quant import data as qd
+    path = str(assets / base)
+    cfg = ErnieConfig.from_file(path)
+    ds = qd.open_dataset(str(assets / "calib"), cfg, path, None, "calibration")
+    batches = list(qd.batches(ds, 6))
+    modules = [f"ernie.layers.{i}.{m}" for i in range(2) for m in
+               ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.up_gate_proj", "mlp.down_proj")]
+    whole, t1 = qd.activation_amax(ErnieForCausalLM.from_pretrained(path), batches, modules)
+    from ernie_quant.stream import Source
+    streamed, t2 = qd.activation_amax_streaming(Source.open(path), batches, modules)
+    assert t1 == t2 > 0
+    assert whole.keys() == streamed.keys() and all(v > 0 for v in whole.values())
+    for m in modules:
+        assert streamed[m] == pytest.approx(whole[m], rel=1e-6), m

@@ -93,3 +93,55 @@ def perplexity(model, data, where: str = "eval") -> tuple[float, int]:
     if count == 0:
         raise QuantError(f"{where}: no predictable tokens in the evaluation set")
     return float(np.exp(total / count)), int(count)
+
+
+@paddle.no_grad()
+def activation_amax_streaming(src, data, modules: list[str], where: str = "calibration"
+                              ) -> tuple[dict[str, float], int]:
+    """activation_amax without ever holding the model: the calibration tokens' embedding rows are read from
+    the checkpoint, then one decoder layer at a time is loaded, run over every sequence's hidden state and
+    freed. Memory: one layer plus the hidden states [s, h] of the calibration sequences. Gives the same amax as
+    activation_amax on the whole model (tests compare them). src: an ernie_quant.stream.Source."""
+    from libernie.checkpoint.names import rules
+    from libernie.checkpoint.safetensors_io import to_float32
+    from libernie.model import ErnieForCausalLM
+    cfg, reader = src.cfg, src.reader
+    with paddle.LazyGuard():
+        ernie = ErnieForCausalLM(cfg).ernie
+    params = dict(ernie.named_parameters(prefix="ernie"))
+    table = {r.paddle: r for r in rules(cfg)}
+
+    def load(prefix):
+        for name, p in params.items():
+            if name.startswith(prefix):
+                p.set_value(src.read_paddle_f32(table[name]))
+
+    def free(layer):
+        for p in layer.parameters():
+            p._clear_data()
+
+    for b in data:
+        check_ids(b, cfg.vocab_size, where)
+    # The embedding is looked up in the file: only the rows of the calibration tokens are ever read.
+    rule = table["ernie.embed_tokens.weight"]
+    emb, dt = reader.get(rule.paddle if reader.layout == "paddle" else rule.hf[0])     # memory map [V, h]
+    hidden = [paddle.to_tensor(to_float32(np.asarray(emb[b["input_ids"].numpy()]), dt)) for b in data]  # [1, s, h]
+    del emb
+    layers = dict(ernie.named_sublayers(prefix="ernie"))
+    amax = {m: 0.0 for m in modules}
+    for i, layer in enumerate(ernie.layers):
+        load(f"ernie.layers.{i}.")
+        hooks = []
+        for m in modules:
+            if m.startswith(f"ernie.layers.{i}."):
+                def hook(lay, inputs, m=m):
+                    amax[m] = max(amax[m], float(paddle.abs(inputs[0]).max()))
+                hooks.append(layers[m].register_forward_pre_hook(hook))
+        for k, b in enumerate(data):
+            bs, s = b["input_ids"].shape
+            rope, mask = ernie.rope_and_mask(bs, s, b["position_ids"], b["doc_ids"])
+            hidden[k] = layer(hidden[k], rope, mask)
+        for h in hooks:
+            h.remove()
+        free(layer)
+    return amax, sum(int(b["input_ids"].shape[1]) for b in data)

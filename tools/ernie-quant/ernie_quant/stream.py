@@ -107,6 +107,12 @@ class Source:
             return out[0] if len(out) == 1 else np.concatenate(out, axis=0)
         return n_out, n_in, rows
 
+    def read_paddle_f32(self, rule: Rule) -> np.ndarray:
+        """Any rule's tensor in Paddle orientation, float32, read with plain reads (no memory map, so nothing
+        stays resident once the caller drops it)."""
+        parts = [widen(read_array(self.files[n], n), self.files[n].dtype(n)) for n in self.names(rule)]
+        return parts[0] if self.reader.layout == "paddle" else to_paddle(rule, parts)
+
     def nbytes(self, rule: Rule) -> int:
         return sum(tensor_span(self.files[n], n)[1] for n in self.names(rule))
 

@@ -202,3 +202,19 @@ def test_streaming_calibration_equals_whole_model_hooks(assets, base):
     assert whole.keys() == streamed.keys() and all(v > 0 for v in whole.values())
     for m in modules:
         assert streamed[m] == pytest.approx(whole[m], rel=1e-6), m
+
+
+@pytest.mark.parametrize("fmt", ["fastdeploy", "compressed-tensors"])
+def test_bias_and_untied_head_stay_float_and_load(tmp_path, fmt):
+    from quant_testlib import make_model
+    base = make_model(tmp_path / "b", layout="hf", tied=False, use_bias=True)
+    s = quantize("wint8", str(tmp_path / "b"), str(tmp_path / "q"), fmt=fmt)
+    reader = CheckpointReader(tmp_path / "q")
+    head = "lm_head.weight"
+    assert reader.get(head)[1] == "F32" and s.quantized == 8
+    bias = "ernie.layers.0.self_attn.qkv_proj.bias" if fmt == "fastdeploy" else "model.layers.0.self_attn.k_proj.bias"
+    assert reader.get(bias)[1] == "F32"
+    q = ErnieForCausalLM.from_pretrained(tmp_path / "q")
+    np.testing.assert_array_equal(q.ernie.layers[0].self_attn.qkv_proj.bias.numpy(),
+                                  base.ernie.layers[0].self_attn.qkv_proj.bias.numpy())
+    assert np.abs(logits(q) - logits(base)).max() < 0.02

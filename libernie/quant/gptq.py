@@ -13,7 +13,7 @@ GPTQ (Frantar, Ashkboos, Hoefler, Alistarh, "GPTQ: Accurate Post-Training Quanti
 Pre-trained Transformers", ICLR 2023, arXiv:2210.17323) picks the same kind of (q, scale) but quantizes
 columns one at a time and spreads each column's rounding error over the columns not yet quantized, weighted
 by the inverse Hessian of the layer's squared output error, H = 2 XᵀX / n over calibration inputs X [n, in].
-Everything that touches H runs in float64.
+H is accumulated, damped, factored and applied in float64 (each batch's XᵀX is a float32 product).
 """
 from __future__ import annotations
 
@@ -31,13 +31,14 @@ class QuantArgError(ErnieError, ValueError):
 
 
 # ---- the shared convention -----------------------------------------------------------------------------
-def _check(w: np.ndarray, bits: int, group_size: int) -> tuple[int, int, int]:
-    """-> (qmax, group width, number of groups) for W [out, in], or QuantArgError."""
+def check_args(shape, bits: int, group_size: int) -> tuple[int, int, int]:
+    """Weight shape [out, in] -> (qmax, group width, number of groups), or QuantArgError if the convention
+    cannot quantize it (callers check a whole model up front with this, before any work)."""
     if bits not in QMAX:
         raise QuantArgError(f"bits={bits} is not supported; use 8 (int8) or 4 (int4)")
-    if w.ndim != 2:
-        raise QuantArgError(f"weight must be 2-D [out, in], got shape {list(w.shape)}")
-    n_in = w.shape[1]
+    if len(shape) != 2:
+        raise QuantArgError(f"weight must be 2-D [out, in], got shape {list(shape)}")
+    n_in = shape[1]
     if group_size == -1:
         return QMAX[bits], n_in, 1
     if group_size <= 0 or n_in % group_size:
@@ -58,7 +59,7 @@ def _round(x: np.ndarray, qmax: int) -> np.ndarray:
 
 def rtn_quantize(w: np.ndarray, bits: int, group_size: int) -> tuple[np.ndarray, np.ndarray]:
     """Round-to-nearest. w [out, in] float -> (q int8 [out, in], scale float32 [out, n_groups])."""
-    qmax, g, n_groups = _check(w, bits, group_size)
+    qmax, g, n_groups = check_args(w.shape, bits, group_size)
     out, n_in = w.shape
     wg = np.asarray(w, dtype=np.float64).reshape(out, n_groups, g)              # [out, G, g]
     scale = _scale(np.abs(wg).max(axis=2), qmax)                                # [out, G]
@@ -83,6 +84,9 @@ class HessianAccumulator:
 
     The mean (not the sum) keeps H's scale independent of how much calibration data there is; GPTQ's
     damping is relative to mean(diag H), so only the direction of H matters to the result.
+    Each batch's XᵀX is a float32 product (twice the speed of float64, and the cost that dominates
+    calibration: tokens x in² per linear); batches are summed into H in float64. The float32 rounding,
+    about 1e-6 of an entry, is four orders below the damping GPTQ adds (1e-2 of mean(diag H)).
     """
 
     def __init__(self, in_features: int):
@@ -92,14 +96,13 @@ class HessianAccumulator:
 
     def add(self, x: np.ndarray) -> None:
         """x [..., in]: every leading index is one calibration row (token)."""
-        x = np.asarray(x, dtype=np.float64).reshape(-1, self.in_features)       # [m, in]
+        x = np.asarray(x, dtype=np.float32).reshape(-1, self.in_features)       # [m, in]
         m = x.shape[0]
         if m == 0:
             return
         self.H *= self.n / (self.n + m)
         self.n += m
-        x = x * np.sqrt(2.0 / self.n)
-        self.H += x.T @ x
+        self.H += (x.T @ x).astype(np.float64) * (2.0 / self.n)
 
 
 # ---- GPTQ ----------------------------------------------------------------------------------------------
@@ -111,8 +114,21 @@ def _upper_cholesky_of_inverse(H: np.ndarray) -> np.ndarray:
     row by row, computed without forming H⁻¹ (fewer flops and better conditioned than inv + cholesky).
     """
     L = np.linalg.cholesky(H[::-1, ::-1])
-    R = L[::-1, ::-1]
-    return np.triu(np.linalg.inv(R))
+    return _inverse_upper(np.ascontiguousarray(L[::-1, ::-1]))
+
+
+def _inverse_upper(R: np.ndarray) -> np.ndarray:
+    """Inverse of an upper triangular R by halves: [[A, B], [0, C]]⁻¹ = [[A⁻¹, -A⁻¹ B C⁻¹], [0, C⁻¹]].
+    About n³/3 multiply-adds in matmuls; numpy has no triangular inverse, and its general inv costs 6x that."""
+    n = R.shape[0]
+    if n <= 128:
+        return np.triu(np.linalg.inv(R))
+    h = n // 2
+    a_inv, c_inv = _inverse_upper(R[:h, :h]), _inverse_upper(R[h:, h:])
+    out = np.zeros_like(R)
+    out[:h, :h], out[h:, h:] = a_inv, c_inv
+    out[:h, h:] = -(a_inv @ R[:h, h:]) @ c_inv
+    return out
 
 
 def gptq_quantize(w: np.ndarray, H: np.ndarray, bits: int, group_size: int, *, damp: float = 0.01,
@@ -127,65 +143,72 @@ def gptq_quantize(w: np.ndarray, H: np.ndarray, bits: int, group_size: int, *, d
     Without act_order a group's scale is taken from the partially-updated weights when the group starts.
     Columns with diag(H) == 0 never saw a nonzero input ("dead"): they are quantized to 0.
     """
-    qmax, g, n_groups = _check(w, bits, group_size)
+    qmax, g, n_groups = check_args(w.shape, bits, group_size)
     out, n_in = w.shape
     if H.shape != (n_in, n_in):
         raise QuantArgError(f"Hessian shape {list(H.shape)} does not match the weight's input width {n_in}")
     if block <= 0:
         raise QuantArgError(f"block must be positive, got {block}")
-    W = np.array(w, dtype=np.float64)                                          # [out, in], updated in place
+    # Work on Wᵀ [in, out]: a column of W is then a contiguous row, and the rank-1 update of each step writes
+    # whole rows (2.8x faster than on [out, in], measured). Peak memory is about two float64 copies of W (Wt,
+    # and the product of the first lazy batch update) plus the int8 result: measured 2.45x W's float64 bytes.
+    Wt = np.array(np.asarray(w).T, dtype=np.float64, order="C")               # [in, out], updated in place
     H = np.array(H, dtype=np.float64)
-    if not (np.isfinite(W).all() and np.isfinite(H).all()):
+    if not (np.isfinite(Wt).all() and np.isfinite(H).all()):
         raise QuantArgError("weight or Hessian has NaN/Inf values; check the checkpoint and calibration data")
 
     dead = np.diag(H) == 0
     H[dead, dead] = 1.0
-    W[:, dead] = 0.0
+    Wt[dead] = 0.0
     # Scales fixed up front: per-channel (one group, starting at column 0 before any update) and act_order.
     static = group_size == -1 or act_order
     scale = np.ones((out, n_groups), dtype=np.float32)
     if static:
-        scale = _scale(np.abs(W.reshape(out, n_groups, g)).max(axis=2), qmax)
+        scale = _scale(np.abs(Wt.reshape(n_groups, g, out)).max(axis=1).T, qmax)
 
     perm = np.argsort(-np.diag(H), kind="stable") if act_order else np.arange(n_in)
-    W, H = W[:, perm], H[np.ix_(perm, perm)]
+    H = H[np.ix_(perm, perm)]
     H[np.diag_indices(n_in)] += damp * np.mean(np.diag(H))
     try:
         U = _upper_cholesky_of_inverse(H)                                      # [in, in], Uᵀ U = H⁻¹
     except np.linalg.LinAlgError:
         raise QuantArgError(f"the damped Hessian is not positive definite; raise damp (now {damp})") from None
-    col_scale = scale.astype(np.float64)[:, perm // g] if static else None       # [out, in] in processing order
+    if act_order:
+        Wt = Wt[perm]                                                          # rows in processing order
+    scale_t = scale.astype(np.float64).T                                       # [G, out] (static scales)
+    group_of = perm // g                                                       # processing step -> its group
 
-    Q = np.zeros((out, n_in), dtype=np.float64)
+    Qt = np.zeros((n_in, out), dtype=np.int8)
     for i1 in range(0, n_in, block):
         i2 = min(i1 + block, n_in)
-        W1 = W[:, i1:i2].copy()                                                # [out, B] updated column by column
-        Err = np.zeros_like(W1)                                                # [out, B] scaled errors
+        W1 = Wt[i1:i2].copy()                                                  # [B, out] updated row by row
+        Err = np.zeros_like(W1)                                                # [B, out] scaled errors
         U1 = U[i1:i2, i1:i2]
         for i in range(i2 - i1):
             j = i1 + i
             if static:
-                s = col_scale[:, j]
+                s = scale_t[group_of[j]]
             else:
                 if j % g == 0:                                                 # a group starts: scale from now
-                    scale[:, j // g] = _scale(np.abs(_current(W, W1, Err, U, i1, i, j + g)).max(axis=1), qmax)
+                    scale[:, j // g] = _scale(np.abs(_current(Wt, W1, Err, U, i1, i, j + g)).max(axis=0), qmax)
                 s = scale[:, j // g].astype(np.float64)
-            col = W1[:, i]
-            Q[:, j] = _round(col / s, qmax)
-            err = (col - Q[:, j] * s) / U1[i, i]                               # [out]
-            W1[:, i + 1:] -= np.outer(err, U1[i, i + 1:])
-            Err[:, i] = err
-        W[:, i2:] -= Err @ U[i1:i2, i2:]                                       # lazy batch update of the rest
+            q = _round(W1[i] / s, qmax)                                        # [out], exact integers
+            Qt[j] = q
+            err = (W1[i] - q * s) / U1[i, i]                                   # [out]
+            W1[i + 1:] -= np.outer(U1[i, i + 1:], err)
+            Err[i] = err
+        Wt[i2:] -= U[i1:i2, i2:].T @ Err                                       # lazy batch update of the rest
     inv = np.argsort(perm)
-    return Q[:, inv].astype(np.int8), scale
+    return np.ascontiguousarray(Qt[inv].T), scale
 
 
-def _current(W, W1, Err, U, i1: int, i: int, stop: int) -> np.ndarray:
-    """Columns i1+i .. stop-1 of the weight as updated so far: W1 inside the current block; beyond it, W plus
-    the updates from this block's already-quantized columns that the lazy batch update has not applied."""
-    i2 = i1 + W1.shape[1]
-    inside = W1[:, i:min(stop, i2) - i1]
+def _current(Wt, W1, Err, U, i1: int, i: int, stop: int) -> np.ndarray:
+    """Columns i1+i .. stop-1 of the weight as updated so far, as rows [k, out]: W1 inside the current block;
+    beyond it, Wt plus the updates from this block's already-quantized columns that the lazy batch update has
+    not applied yet."""
+    i2 = i1 + W1.shape[0]
+    inside = W1[i:min(stop, i2) - i1]
     if stop <= i2:
         return inside
-    beyond = W[:, i2:stop] - Err[:, :i] @ U[i1:i1 + i, i2:stop]
-    return np.concatenate([inside, beyond], axis=1)
+    beyond = Wt[i2:stop] - U[i1:i1 + i, i2:stop].T @ Err[:i]
+    return np.concatenate([inside, beyond], axis=0)

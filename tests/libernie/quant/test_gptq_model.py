@@ -14,7 +14,7 @@ import pytest
 from libernie.config import ErnieConfig
 from libernie.data import DatasetWriter, PackedDataset, build, document
 from libernie.model import ErnieForCausalLM
-from libernie.quant.gptq import HessianAccumulator, dequantize, gptq_quantize, rtn_quantize
+from libernie.quant.gptq import HessianAccumulator, QuantArgError, dequantize, gptq_quantize, rtn_quantize
 from libernie.quant.gptq_model import CalibrationError, dataset_batches, gptq_model
 
 V = 48
@@ -174,6 +174,14 @@ def test_bad_calibration_is_a_typed_error():
         gptq_model(model, [], bits=4, group_size=32)
     with pytest.raises(CalibrationError, match="no input_ids"):
         gptq_model(model, [{"doc_ids": np.zeros((1, 4))}], bits=4, group_size=32)
+    # Checked before any work, naming the linear; skipped linears do not count.
+    with pytest.raises(QuantArgError, match="ernie.layers.0.self_attn.o_proj.weight: group size 128 does not "
+                                            "divide the input width 64"):
+        gptq_model(model, [{"input_ids": np.zeros((1, 4))}], bits=4, group_size=128, skip=lambda n: "qkv" in n)
+    before = _snapshot(model)
+    with pytest.raises(QuantArgError, match="ernie.layers.0.self_attn.qkv_proj.weight: bits=3"):
+        gptq_model(model, [{"input_ids": np.zeros((1, 4))}], bits=3, group_size=32)
+    assert all(np.array_equal(v, before[k]) for k, v in _snapshot(model).items())
     all_padding = {"input_ids": np.zeros((1, 4)), "doc_ids": np.full((1, 4), -1)}
     with pytest.raises(CalibrationError, match="no calibration token reached ernie.layers.0.self_attn.qkv_proj"):
         gptq_model(model, [all_padding], bits=4, group_size=32)
@@ -207,6 +215,7 @@ def trained():
     return model, _snapshot(model)
 
 
+@pytest.mark.slow                                              # trains the model: about 6 s on an idle machine
 def test_gptq_beats_rtn_on_held_out_perplexity_of_a_trained_model(trained, tmp_path):
     model, weights = trained
     held_out = paddle.to_tensor(_progressions(np.random.default_rng(1), 128, 32))

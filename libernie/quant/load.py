@@ -108,10 +108,10 @@ def _read_quantized(reader, rule, method, fmt, used) -> dict | None:
         if p + ".quant_weight" not in reader:
             return None
         qw, dt = _get(reader, p + ".quant_weight", used)
-        scale = to_float32(np.asarray(_get(reader, p + ".weight_scale", used)[0]), "F32")
+        scale = _f32(reader, p + ".weight_scale", used)
         if method == "fp8":
             _expect(reader, p + ".quant_weight", qw, (n_in, n_out), dt, "F8_E4M3")
-            act = to_float32(np.asarray(_get(reader, p + ".activation_scale", used)[0]), "F32").reshape([1])
+            act = _f32(reader, p + ".activation_scale", used).reshape([1])
             return _fp8(np.asarray(qw), scale.reshape([-1])[:1].repeat(n_out), act)
         rows = n_in // 2 if method == "wint4" else n_in
         _expect(reader, p + ".quant_weight", qw, (rows, n_out), dt, "I8")
@@ -128,9 +128,19 @@ def _read_quantized(reader, rule, method, fmt, used) -> dict | None:
             w, dt = _get(reader, m + ".weight", used)
             _expect(reader, m + ".weight", w, (width, n_in), dt, "F8_E4M3")
             codes.append(np.asarray(w))
-            s = float(to_float32(np.asarray(_get(reader, m + ".weight_scale", used)[0]), "F32").reshape(-1)[0])
-            scales.append(np.full(width, s, np.float32))
-            acts.append(float(to_float32(np.asarray(_get(reader, m + ".input_scale", used)[0]), "F32").reshape(-1)[0]))
+            s = _f32(reader, m + ".weight_scale", used).reshape(-1)
+            if s.size not in (1, width):    # tensor-wise [1], or per channel [out, 1] (llm-compressor "channel")
+                raise CheckpointError(f"{reader.file_of(m + '.weight_scale')}: {m}.weight_scale has {s.size} values; "
+                                      f"libernie runs tensor-wise or per-channel fp8 weight scales")
+            scales.append(np.broadcast_to(s, (width,)).astype(np.float32))
+            if m + ".input_scale" not in reader:
+                raise CheckpointError(f"{reader.path}: {m} has no input_scale; libernie runs fp8 with static "
+                                      "activation scales only (dynamic ones are not supported)")
+            a = _f32(reader, m + ".input_scale", used).reshape(-1)
+            if a.size != 1:
+                raise CheckpointError(f"{reader.file_of(m + '.input_scale')}: {m}.input_scale has {a.size} values; "
+                                      "libernie runs one static activation scale per Linear")
+            acts.append(float(a[0]))
         # the parts see the same input; a writer that gave them different scales gets the largest (no clipping)
         return _fp8(np.concatenate(codes, 0).T, np.concatenate(scales), np.array([max(acts)], np.float32))
     if mods[0] + ".weight_packed" not in reader:
@@ -145,11 +155,16 @@ def _read_quantized(reader, rule, method, fmt, used) -> dict | None:
             raise CheckpointError(f"{reader.file_of(m + '.weight_shape')}: {m}.weight_shape is "
                                   f"{[int(v) for v in np.asarray(shape)]}, config.json implies {[width, n_in]}")
         qs.append(unpack_int32(np.asarray(packed), bits, n_in))                     # [width, in] int8
-        ss.append(to_float32(np.asarray(_get(reader, m + ".weight_scale", used)[0]), "F32"))  # [width, G]
+        ss.append(_f32(reader, m + ".weight_scale", used))                         # [width, G], any float dtype
     q = np.concatenate(qs, 0).T                                                      # [in, out]
     if method == "wint4":
         q = pack_int4_rows(np.ascontiguousarray(q))
     return _ints(np.ascontiguousarray(q), np.concatenate(ss, 0).T, n_in, reader.file_of(mods[0] + ".weight_scale"))
+
+
+def _f32(reader, name, used) -> np.ndarray:
+    arr, dt = _get(reader, name, used)
+    return to_float32(np.asarray(arr), dt)
 
 
 def _expect(reader, name, arr, shape, dt, want_dt):

@@ -218,3 +218,50 @@ def test_bias_and_untied_head_stay_float_and_load(tmp_path, fmt):
     np.testing.assert_array_equal(q.ernie.layers[0].self_attn.qkv_proj.bias.numpy(),
                                   base.ernie.layers[0].self_attn.qkv_proj.bias.numpy())
     assert np.abs(logits(q) - logits(base)).max() < 0.02
+
+
+def test_foreign_compressed_tensors_variants_load(assets, tmp_path):
+    """What other writers do: per-channel fp8 weight scales ([out, 1], llm-compressor "channel") and bf16 int
+    scales load to the same model; a dynamic-activation fp8 file is refused with one line."""
+    import shutil
+    from libernie.checkpoint.safetensors_io import SafetensorsFile, from_float32, write_safetensors
+    from libernie.errors import CheckpointError
+    _, fp8 = run(assets, tmp_path, "fp8", "compressed-tensors", {"calib": True})
+    want = logits(fp8)
+
+    def rewrite(d, edit):
+        for f in [f for f in os.listdir(d) if f.endswith(".safetensors")]:
+            sf = SafetensorsFile(str(d / f))
+            tensors = {n: (np.array(sf.get(n)), sf.dtype(n)) for n in sf.names}
+            tensors = dict(edit(tensors))
+            write_safetensors(str(d / f), tensors, sf.metadata)
+        idx = json.load(open(d / "model.safetensors.index.json"))
+        names = set().union(*[SafetensorsFile(str(d / f)).names for f in os.listdir(d) if f.endswith(".safetensors")])
+        idx["weight_map"] = {k: v for k, v in idx["weight_map"].items() if k in names}
+        json.dump(idx, open(d / "model.safetensors.index.json", "w"))
+
+    chan = tmp_path / "chan"
+    shutil.copytree(fp8, chan)
+    def per_channel(tensors):
+        for n, (a, dt) in tensors.items():
+            if n.endswith(".weight_scale"):
+                w = tensors[n[: -len("_scale")]][0]
+                yield n, (np.full((w.shape[0], 1), a.reshape(-1)[0], np.float32), "F32")
+            else:
+                yield n, (a, dt)
+    rewrite(chan, per_channel)
+    np.testing.assert_allclose(logits(chan), want, rtol=1e-6, atol=1e-6)
+
+    dyn = tmp_path / "dyn"
+    shutil.copytree(fp8, dyn)
+    rewrite(dyn, lambda t: ((n, v) for n, v in t.items() if not n.endswith(".input_scale")))
+    with pytest.raises(CheckpointError, match="no input_scale"):
+        ErnieForCausalLM.from_pretrained(dyn)
+
+    _, w4 = run(assets, tmp_path, "wint4", "compressed-tensors", {"group_size": 16})
+    want4 = logits(w4)
+    bf = tmp_path / "bf"
+    shutil.copytree(w4, bf)
+    rewrite(bf, lambda t: ((n, (from_float32(a, "BF16"), "BF16") if n.endswith("weight_scale") else (a, dt))
+                           for n, (a, dt) in t.items()))
+    assert np.abs(logits(bf) - want4).max() < 0.05     # the scales lost bits to bf16; the integers did not

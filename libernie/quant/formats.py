@@ -162,9 +162,15 @@ def describe(qc: dict, where: str) -> tuple[str, str]:
             return "fp8", "compressed-tensors"
         if form == "pack-quantized":
             groups = list((qc.get("config_groups") or {}).values())
-            bits = groups[0].get("weights", {}).get("num_bits") if groups else None
-            if bits in (4, 8):
-                return f"wint{bits}", "compressed-tensors"
+            w = (groups[0].get("weights") or {}) if groups else {}
+            if w.get("symmetric") is False:
+                raise CheckpointError(f"{where}: asymmetric (zero-point) pack-quantized weights are not supported; "
+                                      "libernie runs symmetric int4/int8")
+            if w.get("actorder") == "group":
+                raise CheckpointError(f"{where}: actorder 'group' (weight_g_idx) is not supported; quantize with "
+                                      "static or no activation ordering")
+            if w.get("num_bits") in (4, 8):
+                return f"wint{w['num_bits']}", "compressed-tensors"
         raise CheckpointError(f"{where}: compressed-tensors format {form!r} is not one libernie runs; "
                               "it loads float-quantized fp8 and pack-quantized 4/8-bit")
     kind = qc.get("dense_quant_type") or qc.get("quantization")

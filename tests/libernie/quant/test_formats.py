@@ -63,3 +63,13 @@ def test_unknown_quantization_config_is_refused():
         describe({"dense_quant_type": "block_wise_fp8", "is_quantized": True}, "x")
     with pytest.raises(CheckpointError, match="marlin-24"):
         describe({"quant_method": "compressed-tensors", "format": "marlin-24"}, "x")
+
+
+def test_compressed_tensors_variants_we_do_not_run_are_refused():
+    base = {"quant_method": "compressed-tensors", "format": "pack-quantized"}
+    with pytest.raises(CheckpointError, match="asymmetric"):
+        describe({**base, "config_groups": {"g": {"weights": {"num_bits": 4, "symmetric": False}}}}, "x")
+    with pytest.raises(CheckpointError, match="actorder"):
+        describe({**base, "config_groups": {"g": {"weights": {"num_bits": 4, "actorder": "group"}}}}, "x")
+    assert describe({**base, "config_groups": {"g": {"weights": {"num_bits": 4, "actorder": "static"}}}},
+                    "x") == ("wint4", "compressed-tensors")

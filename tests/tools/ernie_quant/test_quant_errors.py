@@ -104,3 +104,9 @@ def test_non_finite_weights(assets, tmp_path, method):
     extra = ["--calib", str(assets / "calib"), "--calib-samples", "2"] if method == "fp8" else []
     check_error(invoke([method, "--model", str(tmp_path / "nan"), "-o", out, *extra]), out,
                 "ernie.layers.1.mlp.down_proj.weight", ".safetensors", "non-finite", last_line=True)
+
+
+def test_skip_pattern_that_matches_nothing(assets, tmp_path):
+    out = str(tmp_path / "o")
+    check_error(invoke(["wint8", "--skip", "model.layers.0.*", "--model", str(assets / "base"), "-o", out]), out,
+                "--skip 'model.layers.0.*' matches no quantizable Linear", "ernie.layers.0.self_attn.qkv_proj")

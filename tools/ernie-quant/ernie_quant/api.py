@@ -186,7 +186,12 @@ def _check_options(method, algo, fmt, calib, group_size) -> int:
 
 
 def _choose(src: Source, method: str, group_size: int, skip: tuple[str, ...]) -> list:
-    chosen = [r for r in rules(src.cfg) if quantizable(r, skip)]
+    linears = [r for r in rules(src.cfg) if quantizable(r)]
+    for pat in skip:  # a pattern that matches nothing is a typo, not a request
+        if not any(not quantizable(r, (pat,)) for r in linears):
+            raise QuantError(f"--skip {pat!r} matches no quantizable Linear of {src.path}; patterns match Paddle "
+                             f"module names such as {module_of(linears[0])} (fnmatch: 'ernie.layers.0.*')")
+    chosen = [r for r in linears if quantizable(r, skip)]
     if not chosen:
         raise QuantError(f"{src.path}: --skip leaves no Linear to quantize")
     for r in chosen:

@@ -90,35 +90,28 @@ def tensors_for(rule: Rule, r: QuantResult, fmt: str) -> list[tuple[str, np.ndar
 
 
 def planned(rule: Rule, method: str, fmt: str, group_size: int) -> list[tuple[str, str, tuple]]:
-    """(name, dtype, shape) of the tensors tensors_for will produce, known before any data is read."""
+    """(name, dtype, shape) of the tensors tensors_for will produce, known before any data is read (the
+    streaming writer plans its shards from these; a test checks they equal what tensors_for writes)."""
     n_in, n_out = rule.paddle_shape
     g = 1 if group_size == -1 else n_in // group_size
-    shape_of = QuantResult(method, np.zeros((n_out, 0), np.int8), np.zeros((0, g), np.float32), None, group_size)
-    return [(name, dt, shape) for name, shape, dt in _shape_only(rule, shape_of, fmt, n_in)]
-
-
-def _shape_only(rule: Rule, r: QuantResult, fmt: str, n_in: int):
-    """Shapes for `planned`, mirroring tensors_for without building arrays."""
-    bits = BITS.get(r.method)
     if fmt == "fastdeploy":
-        p, n_out = module_of(rule), rule.paddle_shape[1]
-        if r.method == "fp8":
-            return [(p + ".quant_weight", (n_in, n_out), "F8_E4M3"), (p + ".weight_scale", (1,), "F32"),
-                    (p + ".activation_scale", (1,), "F32")]
-        rows = n_in // 2 if r.method == "wint4" else n_in
-        g = r.scale.shape[1]
-        return [(p + ".quant_weight", (rows, n_out), "I8"),
-                (p + ".weight_scale", (n_out,) if r.group_size == -1 else (g, n_out), "F32")]
+        p = module_of(rule)
+        if method == "fp8":
+            return [(p + ".quant_weight", "F8_E4M3", (n_in, n_out)), (p + ".weight_scale", "F32", (1,)),
+                    (p + ".activation_scale", "F32", (1,))]
+        rows = n_in // 2 if method == "wint4" else n_in
+        return [(p + ".quant_weight", "I8", (rows, n_out)),
+                (p + ".weight_scale", "F32", (n_out,) if group_size == -1 else (g, n_out))]
     out = []
-    for name, width in zip(rule.hf, rule.split or (rule.paddle_shape[-1],)):
+    for name, width in zip(rule.hf, rule.split or (n_out,)):
         m = hf_module(name)
-        if r.method == "fp8":
-            out += [(m + ".weight", (width, n_in), "F8_E4M3"), (m + ".weight_scale", (1,), "F32"),
-                    (m + ".input_scale", (1,), "F32")]
+        if method == "fp8":
+            out += [(m + ".weight", "F8_E4M3", (width, n_in)), (m + ".weight_scale", "F32", (1,)),
+                    (m + ".input_scale", "F32", (1,))]
         else:
-            words = -(-n_in * bits // 32)
-            out += [(m + ".weight_packed", (width, words), "I32"),
-                    (m + ".weight_scale", (width, r.scale.shape[1]), "F32"), (m + ".weight_shape", (2,), "I64")]
+            words = -(-n_in * BITS[method] // 32)
+            out += [(m + ".weight_packed", "I32", (width, words)), (m + ".weight_scale", "F32", (width, g)),
+                    (m + ".weight_shape", "I64", (2,))]
     return out
 
 

@@ -136,7 +136,6 @@ def test_shard_budget_is_respected(assets, tmp_path):
 
 def test_quantized_model_generates_what_its_dequantized_float_twin_generates(assets, tmp_path):
     """Independent truth: a float model whose Linears hold the dequantized weights (plain nn.Linear)."""
-    import paddle
     _, out = run(assets, tmp_path, "wint4", "fastdeploy", {"group_size": 16})
     q = ErnieForCausalLM.from_pretrained(out)
     twin = ErnieForCausalLM.from_pretrained(assets / "base")

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # `make demo`: the toolkit end to end on what the repo ships, the way a user would drive it.
-# tokenizer -> pack -> pretrain a tiny ERNIE from scratch -> LoRA SFT on arithmetic -> report.
+# tokenizer -> pack -> pretrain a tiny ERNIE from scratch -> LoRA SFT on arithmetic -> report -> merge -> serve
+# -> quantize.
 # Everything lands in demo-out/ (or $DEMO_OUT). Rerunning starts over.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -56,6 +57,13 @@ curl -sf "http://127.0.0.1:$PORT/v1/chat/completions" -H 'Content-Type: applicat
   -d '{"messages": [{"role": "user", "content": "What is 3 + 4?"}], "max_tokens": 8, "temperature": 0}' \
   | python -c 'import json,sys; r=json.load(sys.stdin); print("Assistant:", repr(r["choices"][0]["message"]["content"]), "| usage", r["usage"])'
 kill -TERM "$SERVE_PID"; wait "$SERVE_PID" || true; trap - EXIT
+
+say "8. quantize the merged model (wint8 and fp8, FastDeploy layout) and measure the perplexity cost"
+for method in wint8 fp8; do
+  ernie-quant "$method" --model "$OUT/chat-model" -o "$OUT/chat-model-$method" --calib "$OUT/data/pt-train" \
+    --eval "$OUT/data/pt-valid" -q \
+    | python -c 'import json,sys; s=json.load(sys.stdin); e=s["eval"]; print("%-5s %7d -> %7d bytes  held-out ppl %.3f -> %.3f (%+.2f%%)  max layer error %.4f" % (s["method"], s["bytes_before"], s["bytes_after"], e["base_ppl"], e["quant_ppl"], e["ppl_delta_pct"], s["max_layer_error"]))'
+done
 
 echo
 echo "demo done in $(( $(date +%s) - start ))s; everything is in $OUT/"

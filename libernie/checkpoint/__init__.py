@@ -130,6 +130,9 @@ def load_model(cls, path, dtype: str | None = None):
 
     path = os.fspath(path)
     cfg = ErnieConfig.from_file(path)
+    if cfg.extra.get("quantization_config") is not None:  # ernie-quant output: weights stay quantized
+        from libernie.quant.load import load_quantized
+        return load_quantized(cls, path, cfg, dtype=dtype)
     reader = CheckpointReader(path)
     model = cls(cfg)
     params = {n: p for n, p in model.named_parameters() if ".lora_" not in n}

@@ -1,0 +1,259 @@
+"""ernie-quant: quality (perplexity cost), streaming throughput next to `cp`, peak memory, and serving a wint8
+model next to fp32, each against its yardstick measured in the same run.
+
+    .venv/bin/python scripts/bench/quant.py [--demo demo-out] [--layers 12] [--shard 200MB] [--work out/bench-quant]
+        [--skip quality|throughput|serve ...]
+
+quality     on the trained demo model (the pretrained checkpoint of `make demo`) and on a larger model trained
+            here once
+            (hidden 256, 4 layers, ernie-train pretrain on the demo's packed corpus, cached in WORK): ernie-quant
+            wint8 (RTN), fp8, and wint4 RTN and GPTQ (when libernie.quant.gptq_model is present), in groups and
+            per channel, with --eval on the held-out split: held-out perplexity of base and quantized, increase.
+throughput  a random bf16 base with the 0.3B widths and --layers layers in --shard shards: `ernie-quant wint8`
+            and `ernie-quant fp8 --calib` (its write pass: the summary's write_seconds) against `cp -r` of the
+            same shards, timed in turn by farm-bench (A/B ratio of wall seconds, medians); peak RSS (VmHWM of
+            ernie-quant, from its summary) against the largest shard.
+serve       ernie-serve on the same base (loaded fp32 on CPU) and on its wint8 output: the server's VmRSS once
+            healthy, parameter + buffer bytes of the loaded model (a separate process), and greedy decode tokens/s
+            of one request (64-token completion minus a 1-token one).
+"""
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+from libernie.checkpoint import ShardedWriter, from_float32, parse_size
+from libernie.checkpoint.names import rules
+from libernie.config import ErnieConfig
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+BIN = os.path.join(ROOT, ".venv", "bin")
+PY = os.path.join(BIN, "python")
+QUANT = os.path.join(BIN, "ernie-quant")
+
+LARGER = {"vocab_size": 2048, "hidden_size": 256, "intermediate_size": 704, "num_hidden_layers": 4,
+          "num_attention_heads": 8, "num_key_value_heads": 2, "head_dim": 32, "max_position_embeddings": 2048,
+          "rope_theta": 10000.0, "tie_word_embeddings": True, "model_type": "ernie4_5"}
+
+WEIGHTS_SIDE = r"""
+import json, sys
+import numpy as np
+from libernie.model import ErnieForCausalLM
+m = ErnieForCausalLM.from_pretrained(sys.argv[1])
+n = sum(int(np.prod(p.shape)) * p.element_size() for p in m.parameters())
+n += sum(int(np.prod(b.shape)) * b.element_size() for b in m.buffers() if b is not None)
+print(json.dumps({"weight_bytes": n}))
+"""
+
+
+def run_json(cmd: list[str]) -> dict:
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode:
+        raise SystemExit(f"failed: {' '.join(cmd)}\n{r.stderr[-2000:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def have_gptq() -> bool:
+    try:
+        import libernie.quant.gptq_model  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
+# ---- quality --------------------------------------------------------------------------------------------
+def larger_model(work: str, demo: str) -> str:
+    """Train (once) a 4-layer hidden-256 ERNIE on the demo's pretrain shards; returns its checkpoint dir."""
+    out = os.path.join(work, "larger")
+    done = os.path.join(out, "pretrain.json")
+    if not os.path.exists(done):
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, "init-config.json"), "w") as f:
+            json.dump(LARGER, f)
+        cmd = [os.path.join(BIN, "ernie-train"), "pretrain", "-q", "--data", f"{demo}/data/pt-train",
+               "--init-config", os.path.join(out, "init-config.json"), "--tokenizer", f"{demo}/tokenizer",
+               "-o", os.path.join(out, "run"), "--max-steps", "300", "--save-steps", "300",
+               "--learning-rate", "2e-3", "--min-lr", "2e-4", "--warmup-steps", "20",
+               "--per-device-train-batch-size", "8"]
+        summary = run_json(cmd)
+        with open(done, "w") as f:
+            json.dump(summary, f)
+    ckpt = json.load(open(done))["checkpoint"]
+    if not os.path.exists(os.path.join(ckpt, "tokenizer.model")):
+        shutil.copy(os.path.join(demo, "tokenizer", "tokenizer.model"), ckpt)
+    return ckpt
+
+
+def quality(name: str, model: str, demo: str, work: str) -> list[dict]:
+    cfg = ErnieConfig.from_file(model)
+    gs = next(g for g in (128, 64, 32, 16, 8) if cfg.hidden_size % g == 0 and cfg.intermediate_size % g == 0
+              and cfg.q_size % g == 0)
+    calib = ["--calib", f"{demo}/data/pt-train"]
+    runs = [("wint8", []), ("fp8", calib)]
+    for g in (str(gs), "-1"):   # groups, then per channel (coarser: where GPTQ has more to recover)
+        runs.append(("wint4", ["--group-size", g]))
+        if have_gptq():
+            runs.append(("wint4", ["--group-size", g, "--algo", "gptq", *calib]))
+    rows = []
+    for method, extra in runs:
+        out = os.path.join(work, f"{name}-{method}")
+        s = run_json([QUANT, method, "-q", "--model", model, "-o", out, "--force", "--eval", f"{demo}/data/pt-valid",
+                      "--eval-samples", "64", "--calib-samples", "64", *extra])
+        e = s["eval"]
+        rows.append({"model": name, "method": method, "algo": s["algo"], "group_size": s["group_size"],
+                     "base_ppl": round(e["base_ppl"], 4), "quant_ppl": round(e["quant_ppl"], 4),
+                     "ppl_increase_pct": round(e["ppl_delta_pct"], 3), "eval_tokens": e["tokens"],
+                     "max_layer_error": s["max_layer_error"], "compression": s["compression"]})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+# ---- throughput -----------------------------------------------------------------------------------------
+def build_base(path: str, layers: int, shard: str) -> None:
+    if os.path.exists(os.path.join(path, "config.json")):
+        return
+    cfg = ErnieConfig(num_hidden_layers=layers, tie_word_embeddings=True)
+    rng = np.random.default_rng(0)
+    os.makedirs(path, exist_ok=True)
+    writer = ShardedWriter(path, parse_size(shard), {"format": "np"})
+    for rule in rules(cfg):
+        w = rng.standard_normal(rule.paddle_shape, dtype=np.float32) * 0.02
+        writer.add(rule.paddle, from_float32(1.0 + w if "norm" in rule.paddle else w, "BF16"), "BF16")
+    writer.close()
+    cfg.save(path, "paddle")
+
+
+def farm(a: list[str], b: str, runs: int, timeout: int) -> tuple[str, float]:
+    cmd = ["farm-bench", "-n", str(runs), "--timeout", str(timeout), "--vs", b, "--", *a]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    text = r.stdout + r.stderr
+    m = re.search(r"^A/B wall\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)", text, re.M)
+    return text, float(m.group(2)) if m else float("nan")
+
+
+def throughput(work: str, layers: int, shard: str, demo: str) -> dict:
+    base = os.path.join(work, f"base-{layers}")
+    build_base(base, layers, shard)
+    shards = [os.path.join(base, f) for f in os.listdir(base) if f.endswith(".safetensors")]
+    total = sum(os.path.getsize(p) for p in shards)
+    largest = max(os.path.getsize(p) for p in shards)
+    for p in shards:  # page cache warm for every command alike
+        with open(p, "rb") as f:
+            while f.read(64 << 20):
+                pass
+    dst = os.path.join(work, "dst")
+    res = {"base_bytes": total, "largest_shard_mb": round(largest / 2**20, 1), "layers": layers}
+    cp = f"sh -c 'rm -rf {dst}-cp && cp -r {base} {dst}-cp'"
+    text, ratio = farm(["sh", "-c", f"{QUANT} wint8 -q --force --model {base} -o {dst}-w8 --max-shard-size {shard}"
+                        f" > {work}/w8.json"], cp, 3, 1200)
+    print(text, flush=True)
+    s = json.load(open(f"{work}/w8.json"))
+    res["wint8"] = {"time_ratio_vs_cp": ratio, "throughput_vs_cp": round(1 / ratio, 3) if ratio else None,
+                    "mb_per_s": s["mb_per_s"], "peak_rss_mb": s["peak_rss_mb"],
+                    "peak_rss_vs_largest_shard": round(s["peak_rss_mb"] / (largest / 2**20), 3)}
+    # fp8 needs calibration (a model build and forward passes, not streaming); its write pass streams like RTN:
+    # time it through the summary's write_seconds against cp's median wall from the run above.
+    calib = f"{demo}/data/pt-valid"  # token ids < 2048 fit the 103424-token vocabulary; values do not matter here
+    s8 = run_json([QUANT, "fp8", "-q", "--force", "--model", base, "-o", f"{dst}-f8", "--calib", calib,
+                   "--calib-samples", "4", "--max-shard-size", shard])
+    t = time.perf_counter()
+    subprocess.run(["sh", "-c", f"rm -rf {dst}-cp && cp -r {base} {dst}-cp"], check=True)
+    cp_s = time.perf_counter() - t
+    res["fp8"] = {"write_seconds": s8["write_seconds"], "cp_seconds": round(cp_s, 3),
+                  "throughput_vs_cp": round(cp_s / s8["write_seconds"], 3), "mb_per_s": s8["mb_per_s"],
+                  "peak_rss_mb_whole_run": s8["peak_rss_mb"], "calib_seconds": s8["calib"]["seconds"]}
+    print(json.dumps(res), flush=True)
+    return res
+
+
+def _rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        return int(next(l for l in f if l.startswith("VmRSS:")).split()[1]) / 1024
+
+
+def serve_one(model: str, tokenizer: str, tokens: int = 64) -> dict:
+    """ernie-serve MODEL on a free port: VmRSS once healthy, then greedy decode tokens/s of one request
+    (warm-up request first; time of a `tokens`-token completion minus a 1-token one, i.e. decode steps only)."""
+    import socket
+    import urllib.request
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    proc = subprocess.Popen([os.path.join(BIN, "ernie-serve"), model, "--port", str(port), "-q",
+                             "--tokenizer", tokenizer], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(600):
+            if proc.poll() is not None:
+                raise SystemExit(f"ernie-serve {model} exited: {proc.stderr.read().decode()[-2000:]}")
+            try:
+                urllib.request.urlopen(url + "/health", timeout=1)
+                break
+            except OSError:
+                time.sleep(0.2)
+        rss = _rss_mb(proc.pid)
+
+        def complete(n: int) -> float:
+            body = json.dumps({"prompt": "The river is wide and the bridge is old", "max_tokens": n,
+                               "temperature": 0, "ignore_eos": True}).encode()
+            req = urllib.request.Request(url + "/v1/completions", body, {"Content-Type": "application/json"})
+            t = time.perf_counter()
+            json.load(urllib.request.urlopen(req, timeout=600))
+            return time.perf_counter() - t
+        complete(4)
+        one = min(complete(1) for _ in range(2))
+        full = min(complete(tokens) for _ in range(2))
+        return {"rss_mb": round(rss, 1), "decode_tok_s": round((tokens - 1) / (full - one), 2)}
+    finally:
+        proc.terminate()
+        proc.wait()
+
+
+def serve(work: str, layers: int, tokenizer: str) -> dict:
+    base = os.path.join(work, f"base-{layers}")
+    w8 = os.path.join(work, "dst-w8")
+    res = {}
+    for name, path in (("fp32", base), ("wint8", w8)):
+        res[name] = {**run_json([PY, "-c", WEIGHTS_SIDE, path]), **serve_one(path, tokenizer)}
+        print(json.dumps({name: res[name]}), flush=True)
+    res["weight_bytes_ratio"] = round(res["wint8"]["weight_bytes"] / res["fp32"]["weight_bytes"], 3)
+    res["rss_ratio"] = round(res["wint8"]["rss_mb"] / res["fp32"]["rss_mb"], 3)
+    res["decode_tok_s_ratio"] = round(res["wint8"]["decode_tok_s"] / res["fp32"]["decode_tok_s"], 3)
+    print(json.dumps(res), flush=True)
+    return res
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--demo", default=os.path.join(ROOT, "demo-out"), help="`make demo` output directory")
+    ap.add_argument("--work", default=os.path.join(ROOT, "out", "bench-quant"))
+    ap.add_argument("--layers", type=int, default=12)
+    ap.add_argument("--shard", default="200MB")
+    ap.add_argument("--skip", action="append", default=[], choices=["quality", "throughput", "serve"])
+    a = ap.parse_args()
+    os.makedirs(a.work, exist_ok=True)
+    if not os.path.isdir(os.path.join(a.demo, "chat-model")):
+        raise SystemExit(f"{a.demo}/chat-model: not found; run `make demo` first (or pass --demo)")
+    report = {}
+    if "quality" not in a.skip:
+        # the demo's pretrained model, on the held-out split of its own pretraining corpus (the merged chat model
+        # is SFT'd on arithmetic: that text is not its distribution, so its deltas there say little)
+        pretrained = json.load(open(os.path.join(a.demo, "pretrain.json")))["checkpoint"]
+        report["quality"] = quality("demo-pretrain", pretrained, a.demo, a.work)
+        report["quality"] += quality("larger", larger_model(a.work, a.demo), a.demo, a.work)
+    if "throughput" not in a.skip:
+        report["throughput"] = throughput(a.work, a.layers, a.shard, a.demo)
+    if "serve" not in a.skip:
+        report["serve"] = serve(a.work, a.layers, os.path.join(a.demo, "tokenizer"))
+    print(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -26,16 +26,24 @@ from libernie.tokenizer import ErnieTokenizer
 
 from ernie_train import dist, optim, state
 from ernie_train.config import TrainConfig, TrainConfigError
-from ernie_train.data import StepBatches, eval_batches
+from ernie_train.data import StepBatches, collate, eval_batches
 from ernie_train.metrics import MetricsLog, peak_memory_mb, train_flops_per_token
 
 
 class LossHead(nn.Layer):
-    """Wraps the unchanged model so DataParallel sees a Layer that returns tensors: (loss sum, targets)."""
+    """Wraps the unchanged model so DataParallel sees a Layer that returns tensors: (loss sum, targets).
+    `ernie-train dpo` uses ernie_train.dpo_head.DPOHead instead, with the same interface."""
 
     def __init__(self, model):
         super().__init__()
         self.model = model
+
+    @staticmethod
+    def collate(ds, indices, seq_len):
+        return collate(ds, indices, seq_len)
+
+    def inputs(self, b, split: str = "train") -> tuple:
+        return _t(b.input_ids), _t(b.position_ids), _t(b.doc_ids), _t(b.loss_mask)
 
     def forward(self, input_ids, position_ids, doc_ids, loss_mask):
         logits = self.model(input_ids, position_ids=position_ids, doc_ids=doc_ids).logits
@@ -153,14 +161,20 @@ def _t(a):
 def evaluate(head, ds, cfg, seq_len, info) -> dict:
     head.eval()
     total = count = 0.0
+    stats = None
     with paddle.no_grad():
         for b in eval_batches(ds, seq_len, cfg.per_device_eval_batch_size, cfg.eval_iters, info.rank,
-                              info.world_size):
-            s, n = head(_t(b.input_ids), _t(b.position_ids), _t(b.doc_ids), _t(b.loss_mask))
-            total, count = total + float(s), count + float(n)
+                              info.world_size, collate_fn=head.collate):
+            out = head(*head.inputs(b, "eval"))
+            total, count = total + float(out[0]), count + float(out[1])
+            if len(out) > 2:  # dpo: per-pair statistics
+                stats = out[2].numpy() + (0 if stats is None else stats)
     head.train()
     total, count = dist.all_reduce_sum([total, count], info)
     loss = total / max(count, 1.0)
+    if stats is not None:
+        stats = dist.all_reduce_sum([float(x) for x in stats], info)
+        return {"eval_loss": loss, **head.metrics(stats, count, "eval_"), "eval_pairs": int(count)}
     return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0)), "eval_tokens": int(count)}
 
 
@@ -177,6 +191,9 @@ def train(cfg: TrainConfig, on_log=None) -> dict:
     ds = _open_data(cfg.data, cfg.mode, cfg.verify_data)
     eval_ds = _open_data(cfg.eval_data, cfg.mode, cfg.verify_data) if cfg.eval_data else None
     seq_len = cfg.max_seq_len or ds.seq_len
+    if cfg.mode == "dpo" and seq_len != ds.seq_len:
+        raise TrainConfigError(f"--max-seq-len {seq_len}: DPO pairs are never cut, so it must equal the shards' "
+                               f"seq_len {ds.seq_len} ({ds.path}); repack with --seq-len {seq_len}")
     if seq_len > ds.seq_len:
         raise TrainConfigError(f"--max-seq-len {seq_len} is larger than the shards' seq_len {ds.seq_len} "
                                f"({ds.path}); repack with --seq-len {seq_len} or lower --max-seq-len")
@@ -189,9 +206,14 @@ def train(cfg: TrainConfig, on_log=None) -> dict:
     _check_tokenizer(cfg, ds, tok_dir, model.config)
     if cfg.recompute:
         enable_recompute(model)
+    if cfg.mode == "dpo":
+        from ernie_train.dpo_head import DPOHead, build_reference
+        head = DPOHead(model, cfg, *build_reference(cfg, model, ds, eval_ds))
+    else:
+        head = LossHead(model)
     opt, params = optim.build(model, cfg)
     batches = StepBatches(ds, seq_len, cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps,
-                          info.rank, info.world_size, cfg.seed)
+                          info.rank, info.world_size, cfg.seed, collate_fn=head.collate)
     start_step, tokens_seen = 0, 0
     if resume_dir is not None:
         st = state.read_state(resume_dir)
@@ -201,7 +223,7 @@ def train(cfg: TrainConfig, on_log=None) -> dict:
         optim.load_state(opt, params, os.path.join(resume_dir, state.OPTIM_FILE))
         start_step, tokens_seen = st["step"], st["tokens_seen"]
     model, opt, autocast = _precision(model, opt)
-    head = LossHead(model)
+    head.model = model
     runner = paddle.DataParallel(head) if info.world_size > 1 else head
     if info.is_main:
         os.makedirs(cfg.output_dir, exist_ok=True)
@@ -209,7 +231,7 @@ def train(cfg: TrainConfig, on_log=None) -> dict:
             json.dump(cfg.to_dict(), f, indent=2)
     log = MetricsLog(cfg.output_dir, start_step, cfg.visualdl_logdir) if info.is_main else None
     flops_tok = train_flops_per_token(model.config, seq_len)
-    final_loss = None
+    final_loss, dpo_metrics = None, {}
     ckpt_path, stopped, eval_metrics = resume_dir, None, {}
     t_log, tok_log, done = time.perf_counter(), 0, start_step
 
@@ -238,18 +260,22 @@ def train(cfg: TrainConfig, on_log=None) -> dict:
             local_tokens = sum(int((b.doc_ids >= 0).sum()) for b in micro)
             n_global, tok_global = dist.all_reduce_sum([local_targets, local_tokens], info)
             scale = info.world_size / max(n_global, 1.0)
-            loss_sum = 0.0
+            loss_sum, stats = 0.0, None
             for k, b in enumerate(micro):
                 sync = k == len(micro) - 1 or info.world_size == 1
                 ctx = contextlib.nullcontext() if sync else runner.no_sync()
                 with ctx, autocast():
-                    s, _ = runner(_t(b.input_ids), _t(b.position_ids), _t(b.doc_ids), _t(b.loss_mask))
-                    (s * scale).backward()
-                loss_sum += float(s)
+                    out = runner(*head.inputs(b))
+                    (out[0] * scale).backward()
+                loss_sum += float(out[0])
+                if len(out) > 2:  # dpo: per-pair statistics (rewards, accuracies, log-probs)
+                    stats = out[2].numpy() + (0 if stats is None else stats)
             grad_norm = optim.clip_grad_norm(params, cfg.max_grad_norm)
             opt.step()
             opt.clear_grad()
             loss = dist.all_reduce_sum([loss_sum], info)[0] / max(n_global, 1.0)
+            if stats is not None:
+                dpo_metrics = head.metrics(dist.all_reduce_sum([float(x) for x in stats], info), n_global)
             tokens_seen += int(tok_global)
             tok_log += int(tok_global)
             final_loss = loss
@@ -261,7 +287,7 @@ def train(cfg: TrainConfig, on_log=None) -> dict:
                 dt = max(time.perf_counter() - t_log, 1e-9)
                 rec = {"step": done, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tok_log / dt,
                        "tokens_seen": tokens_seen, "epoch": batches.sampler.epoch(done * batches.global_batch),
-                       "memory_mb": peak_memory_mb()}
+                       "memory_mb": peak_memory_mb(), **dpo_metrics}
                 if cfg.peak_tflops:
                     rec["mfu"] = flops_tok * tok_log / dt / (cfg.peak_tflops * 1e12 * info.world_size)
                 if eval_ds is not None and cfg.eval_steps and done % cfg.eval_steps == 0:
@@ -282,6 +308,6 @@ def train(cfg: TrainConfig, on_log=None) -> dict:
         log.close()
     seconds = time.perf_counter() - t_start
     return {"mode": cfg.mode, "steps": done, "start_step": start_step,
-            "final_loss": final_loss, **eval_metrics, "tokens_seen": tokens_seen, "seconds": round(seconds, 3),
+            "final_loss": final_loss, **dpo_metrics, **eval_metrics, "tokens_seen": tokens_seen, "seconds": round(seconds, 3),
             "checkpoint": ckpt_path, "output_dir": cfg.output_dir, "stopped": stopped,
             "world_size": info.world_size, "lora": cfg.lora, "config": cfg.to_dict()}

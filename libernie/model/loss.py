@@ -27,8 +27,13 @@ def causal_lm_loss(logits: paddle.Tensor, labels: paddle.Tensor, loss_mask: padd
         same = doc_ids[:, 1:] == doc_ids[:, :-1]
         valid = valid & paddle.concat([same, paddle.zeros([b, 1], dtype="bool")], axis=1)
     safe_target = paddle.where(valid, target, paddle.zeros_like(target)).astype("int64")
-    ce = F.cross_entropy(logits.reshape([-1, v]).astype("float32"), safe_target.reshape([-1, 1]),
-                         reduction="none").reshape([b, s])                # [b, s]
+    flat = logits.reshape([-1, v]).astype("float32")                      # [b*s, V]
+    ce = F.cross_entropy(flat, safe_target.reshape([-1, 1]), reduction="none").reshape([b, s])  # [b, s]
+    # Paddle's CPU softmax (3.3, the vectorised path taken when V is a multiple of 8) drops NaN: a row of
+    # NaN logits comes out as the uniform distribution (loss ln V), and a NaN or inf logit gets weight 0 or
+    # 1/V. A diverged model would then log a plausible loss. 0 * sum(row) is 0 for a finite row and NaN
+    # for a row holding NaN or +-inf, so the loss is non-finite exactly when some logit is. No gradient.
+    ce = ce + (flat.sum(axis=-1) * 0.0).detach().reshape([b, s])
     validf = valid.astype("float32")
     total = (ce * validf).sum()
     count = validf.sum()

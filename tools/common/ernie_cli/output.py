@@ -14,7 +14,9 @@ from libernie.errors import ErnieError
 
 
 def emit_json(obj) -> None:
-    """Write one JSON object and a newline to stdout (the tool's data channel) and flush it."""
+    """Write one JSON object and a newline to stdout (the tool's data channel) and flush it.
+
+    Strict JSON: orjson writes NaN and +-inf (Python or numpy) as null, never the bare NaN token."""
     sys.stdout.buffer.write(orjson.dumps(obj, option=orjson.OPT_SERIALIZE_NUMPY) + b"\n")
     sys.stdout.flush()
 

@@ -30,6 +30,8 @@ _HELP = {
     "recompute": "Recompute activations per decoder layer in backward (less memory, ~30% more compute).",
     "resume": "Continue from the latest complete checkpoint in OUTDIR.",
     "verify_data": "Check every shard's sha256 against its manifest before training.",
+    "skip_nan_inf_steps": "Skip (no update) up to N steps whose loss or gradient norm is NaN/inf; 0 (default): "
+                          "stop at the first, naming the last good checkpoint.",
     "lora_plus_scale": "LoRA+: learning-rate multiplier of the B matrices.",
     "peak_tflops": "Peak TFLOP/s of one device, for the MFU estimate in metrics.jsonl.",
     "loss_type": "sigmoid (DPO), ipo, hinge, simpo, orpo or dpop; formulas in the README.",

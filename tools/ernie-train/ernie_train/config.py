@@ -7,6 +7,7 @@ an unknown key is an error. The resolved config is written into OUTDIR and every
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass
 
@@ -41,6 +42,7 @@ class TrainConfig:
     adam_beta2: float = 0.95
     adam_epsilon: float = 1e-8
     max_grad_norm: float = 1.0             # 0: no clipping
+    skip_nan_inf_steps: int = 0            # non-finite loss/grad steps to skip (no update) before stopping
     per_device_train_batch_size: int = 1
     per_device_eval_batch_size: int = 1
     gradient_accumulation_steps: int = 1
@@ -90,7 +92,11 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise TrainConfigError(f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
-        for name in ("save_steps", "eval_steps", "warmup_steps", "weight_decay", "min_lr", "max_grad_norm"):
+        for name in FIELDS:  # `--learning-rate nan` parses as a float; it would only fail hours later
+            v = getattr(self, name)
+            if isinstance(v, float) and not math.isfinite(v):
+                raise TrainConfigError(f"--{name.replace('_', '-')} must be a finite number, got {v}")
+        for name in ("skip_nan_inf_steps", "learning_rate", "save_steps", "eval_steps", "warmup_steps", "weight_decay", "min_lr", "max_grad_norm"):
             if getattr(self, name) < 0:
                 raise TrainConfigError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
         if self.lr_scheduler_type not in ("cosine", "linear", "constant"):

@@ -1,5 +1,8 @@
 """metrics.jsonl (one line per logged step), optional VisualDL scalars, and the FLOP/MFU estimate.
 
+metrics.jsonl is strict JSON (RFC 8259): a NaN or infinite value (a diverged step's loss) is written as
+null, never as the bare `NaN` token Python's json module emits, so jq and strict parsers read every line.
+
 MFU = achieved FLOP/s / peak FLOP/s, with achieved = train_flops_per_token x tokens/s and
 train_flops_per_token = 6 x N_matmul + 12 x layers x q_width x seq / 2 (forward + backward of every
 weight matmul, plus causal attention scores and values). N_matmul counts projection, MLP and head
@@ -9,8 +12,11 @@ without it MFU is not reported.
 from __future__ import annotations
 
 import json
+import math
 import os
 import resource
+
+import orjson
 
 from libernie.config import ErnieConfig
 
@@ -64,11 +70,11 @@ class MetricsLog:
             self.vdl = LogWriter(logdir=visualdl_logdir)
 
     def write(self, record: dict) -> None:
-        self.f.write(json.dumps(record) + "\n")
+        self.f.write(orjson.dumps(record, option=orjson.OPT_SERIALIZE_NUMPY).decode() + "\n")  # NaN/inf -> null
         self.f.flush()
         if self.vdl is not None:
             for k, v in record.items():
-                if k != "step" and isinstance(v, (int, float)):
+                if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
                     self.vdl.add_scalar(tag=k, value=v, step=record["step"])
 
     def close(self) -> None:

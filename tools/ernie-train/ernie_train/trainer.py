@@ -27,6 +27,7 @@ from libernie.tokenizer import ErnieTokenizer
 from ernie_train import dist, optim, state
 from ernie_train.config import TrainConfig, TrainConfigError
 from ernie_train.data import StepBatches, collate, eval_batches
+from ernie_train.guard import NonFiniteGuard
 from ernie_train.metrics import MetricsLog, peak_memory_mb, train_flops_per_token
 
 
@@ -215,6 +216,7 @@ def train(cfg: TrainConfig, on_log=None) -> dict:
     batches = StepBatches(ds, seq_len, cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps,
                           info.rank, info.world_size, cfg.seed, collate_fn=head.collate)
     start_step, tokens_seen = 0, 0
+    guard = NonFiniteGuard(cfg.skip_nan_inf_steps)
     if resume_dir is not None:
         st = state.read_state(resume_dir)
         if st.get("global_batch") != batches.global_batch or st.get("seed") != cfg.seed:
@@ -222,6 +224,7 @@ def train(cfg: TrainConfig, on_log=None) -> dict:
                                    f"{st.get('seed')}; resume with the same (now {batches.global_batch}, {cfg.seed})")
         optim.load_state(opt, params, os.path.join(resume_dir, state.OPTIM_FILE))
         start_step, tokens_seen = st["step"], st["tokens_seen"]
+        guard.skipped = st.get("skipped_steps", 0)
     model, opt, autocast = _precision(model, opt)
     head.model = model
     runner = paddle.DataParallel(head) if info.world_size > 1 else head
@@ -237,7 +240,8 @@ def train(cfg: TrainConfig, on_log=None) -> dict:
 
     def save(step_done):
         st = {"step": step_done, "tokens_seen": tokens_seen, "global_batch": batches.global_batch,
-              "seed": cfg.seed, "world_size": info.world_size, "mode": cfg.mode, "data": cfg.data,
+              "seed": cfg.seed, "skipped_steps": guard.skipped, "world_size": info.world_size, "mode": cfg.mode,
+              "data": cfg.data,
               "data_position": step_done * batches.global_batch,
               "epoch": batches.sampler.epoch(step_done * batches.global_batch),
               "rng": "paddle.seed(seed * 1000003 + step) before each step; data order from (seed, epoch)",
@@ -271,10 +275,13 @@ def train(cfg: TrainConfig, on_log=None) -> dict:
                 if len(out) > 2:  # dpo: per-pair statistics (rewards, accuracies, log-probs)
                     stats = out[2].numpy() + (0 if stats is None else stats)
             grad_norm = optim.clip_grad_norm(params, cfg.max_grad_norm)
-            opt.step()
+            loss_sum, bad_grads = dist.all_reduce_sum([loss_sum, guard.local_flag(grad_norm)], info)
+            loss = loss_sum / max(n_global, 1.0)
+            verdict = guard.verdict(loss, bad_grads)  # the same on every rank: computed from reduced values
+            if verdict == "ok":
+                opt.step()
             opt.clear_grad()
-            loss = dist.all_reduce_sum([loss_sum], info)[0] / max(n_global, 1.0)
-            if stats is not None:
+            if stats is not None:  # every rank of a dpo run has them: one more all-reduce, same on all
                 dpo_metrics = head.metrics(dist.all_reduce_sum([float(x) for x in stats], info), n_global)
             tokens_seen += int(tok_global)
             tok_log += int(tok_global)
@@ -283,11 +290,11 @@ def train(cfg: TrainConfig, on_log=None) -> dict:
             flag = dist.all_reduce_sum([1.0 if stop.signal else 0.0], info)[0] > 0
             if eval_ds is not None and cfg.eval_steps and done % cfg.eval_steps == 0:
                 eval_metrics = evaluate(head, eval_ds, cfg, seq_len, info)
-            if done % cfg.logging_steps == 0 or done == cfg.max_steps or flag:
+            if done % cfg.logging_steps == 0 or done == cfg.max_steps or flag or verdict != "ok":
                 dt = max(time.perf_counter() - t_log, 1e-9)
                 rec = {"step": done, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tok_log / dt,
                        "tokens_seen": tokens_seen, "epoch": batches.sampler.epoch(done * batches.global_batch),
-                       "memory_mb": peak_memory_mb(), **dpo_metrics}
+                       "memory_mb": peak_memory_mb(), "skipped_steps": guard.skipped, **dpo_metrics}
                 if cfg.peak_tflops:
                     rec["mfu"] = flops_tok * tok_log / dt / (cfg.peak_tflops * 1e12 * info.world_size)
                 if eval_ds is not None and cfg.eval_steps and done % cfg.eval_steps == 0:
@@ -297,6 +304,10 @@ def train(cfg: TrainConfig, on_log=None) -> dict:
                 if on_log:
                     on_log(rec)
                 t_log, tok_log = time.perf_counter(), 0
+            if verdict == "stop":
+                if log:
+                    log.close()
+                raise guard.error(done, loss, grad_norm, ckpt_path)
             if (cfg.save_steps and done % cfg.save_steps == 0) or done == cfg.max_steps or flag:
                 ckpt_path = save(done)
             if flag:
@@ -308,6 +319,7 @@ def train(cfg: TrainConfig, on_log=None) -> dict:
         log.close()
     seconds = time.perf_counter() - t_start
     return {"mode": cfg.mode, "steps": done, "start_step": start_step,
-            "final_loss": final_loss, **dpo_metrics, **eval_metrics, "tokens_seen": tokens_seen, "seconds": round(seconds, 3),
+            "final_loss": final_loss, **dpo_metrics, **eval_metrics, "tokens_seen": tokens_seen,
+            "skipped_steps": guard.skipped, "seconds": round(seconds, 3),
             "checkpoint": ckpt_path, "output_dir": cfg.output_dir, "stopped": stopped,
             "world_size": info.world_size, "lora": cfg.lora, "config": cfg.to_dict()}

@@ -55,7 +55,7 @@ def enable_recompute(model) -> None:
     """Recompute each decoder layer's activations in backward instead of storing them."""
     from paddle.distributed.fleet.utils import recompute
     for layer in model.ernie.layers:
-        layer.forward = functools.partial(recompute, layer.forward)
+        layer.forward = functools.partial(recompute, layer.forward, use_reentrant=False)
 
 
 def _open_data(prefix: str, mode: str, verify: bool) -> PackedDataset:

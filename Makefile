@@ -11,7 +11,7 @@ export OMP_NUM_THREADS ?= $(shell nproc 2>/dev/null || echo 1)
 .PHONY: help venv oracle test test-fast demo bench clean bats bats-deps
 
 help:
-	@echo "make demo   - create .venv, then tokenizer -> pack -> pretrain -> LoRA SFT -> merge -> serve on shipped assets"
+	@echo "make demo   - create .venv, then tokenizer -> pack -> pretrain -> LoRA SFT -> DPO -> merge -> serve on shipped assets"
 	@echo "make test   - create .venv and .venv-oracle, install pinned deps, run the test suite"
 	@echo "make bench  - run scripts/bench/* and print ratios against peers (installs .venv-pf for PaddleFormers)"
 

@@ -1,7 +1,7 @@
 """Writes assets/dpo/arithmetic-pref.jsonl (train) and arithmetic-pref-eval.jsonl: preference pairs in
 ERNIEKit's DPO format, `{"src": [question], "tgt": [], "response": [[a], [b]], "sort": [x, y]}`, where
-the response with the higher sort is the correct sum and the other a plausible wrong one (off by 1-3,
-or its digits swapped). The held-out pairs use the sums assets/sft/ holds out of SFT. Deterministic:
+the response with the higher sort is the correct sum and the other a typical wrong one (the operands
+written side by side, a carry slip of ten, or the difference). The held-out pairs use the sums assets/sft/ holds out of SFT. Deterministic:
 rerun to regenerate the same bytes."""
 import json
 import os
@@ -12,12 +12,16 @@ OUT = os.path.join(ROOT, "assets", "dpo")
 TEMPLATES = ["What is {a} + {b}?", "Compute {a} + {b}.", "{a} + {b} = ?"]
 
 
-def wrong_answer(rng: random.Random, right: int) -> int:
-    if right >= 10 and right % 11 and rng.random() < 0.25:
-        return int(str(right)[::-1])                       # digits swapped: 31 -> 13
-    if right == 0:
-        return rng.randint(1, 3)
-    return max(0, right + rng.choice([-3, -2, -1, 1, 2, 3]))
+def wrong_answer(rng: random.Random, a: int, b: int) -> str:
+    """A typical wrong answer to a + b: the operands written side by side, a carry slip (off by ten),
+    or the difference."""
+    right = a + b
+    kind = rng.choice(["concat", "carry", "difference"])
+    if kind == "concat":
+        return f"{a}{b}"
+    if kind == "carry":
+        return str(right + 10 if right < 10 or rng.random() < 0.5 else right - 10)
+    return str(abs(a - b)) if a != 0 and b != 0 else str(right + 10)
 
 
 def main():
@@ -29,13 +33,11 @@ def main():
     for name, chosen in (("arithmetic-pref.jsonl", train), ("arithmetic-pref-eval.jsonl", held_out)):
         with open(os.path.join(OUT, name), "w") as f:
             for a, b in chosen:
-                right = a + b
-                wrong = wrong_answer(rng, right)
-                if wrong == right:
-                    wrong = right + 1
+                right = str(a + b)
+                wrong = wrong_answer(rng, a, b)
                 q = rng.choice(TEMPLATES).format(a=a, b=b)
                 order = rng.random() < 0.5                 # the chosen reply is not always listed first
-                resp = [[str(right)], [str(wrong)]] if order else [[str(wrong)], [str(right)]]
+                resp = [[right], [wrong]] if order else [[wrong], [right]]
                 f.write(json.dumps({"src": [q], "tgt": [], "response": resp, "sort": [1, 0] if order else [0, 1]}) + "\n")
 
 

@@ -77,6 +77,47 @@ def test_dpo_ref_writes_the_documented_file(dpo):
     assert np.abs(np.asarray(f.get("chosen_logps"))).min() > 1.0
 
 
+def test_dpo_ref_resumes_from_its_partial_file(dpo, tmp_path):
+    from ernie_train.dpo_ref import compute_ref_logps
+
+    class Stop(Exception):
+        pass
+
+    def stop_in_the_third_batch(done, pairs):
+        if done >= 30:
+            raise Stop
+    out = str(tmp_path / "ref")
+    with pytest.raises(Stop):
+        compute_ref_logps(dpo["train"], dpo["base"], out, batch_size=10, save_every=0, on_progress=stop_in_the_third_batch)
+    assert not os.path.exists(out + ".safetensors") and os.path.exists(out + ".safetensors.partial")
+    import shutil
+    shutil.copy(out + ".safetensors.partial", tmp_path / "renamed.safetensors")
+    r = run(["dpo", *dpo_args(dpo, tmp_path / "x", **{"--ref-logps": str(tmp_path / "renamed")})])
+    assert r.exit_code == 1 and "do not match" in r.stderr          # a partial file is never used
+    with pytest.raises(Exception, match="written for another model config sha256"):
+        _other_model_resume(dpo, out)
+    summary = compute_ref_logps(dpo["train"], dpo["base"], out, batch_size=7, resume=True)
+    # saved after every batch of 10 (save_every=0); the stop came during the third, before its save
+    assert summary["resumed_at"] == 20 and not os.path.exists(out + ".safetensors.partial")
+    got, want = SafetensorsFile(out + ".safetensors"), SafetensorsFile(dpo["ref"]["output"])
+    for name in ("pair_offsets", "chosen_tokens", "rejected_tokens"):
+        assert np.array_equal(got.get(name), want.get(name)), name
+    np.testing.assert_allclose(got.get("rejected_logps"), want.get("rejected_logps"), rtol=0, atol=1e-4)
+
+
+def _other_model_resume(dpo, out):
+    import shutil
+
+    from ernie_train.dpo_ref import compute_ref_logps
+    other = dpo["root"] / "other-model"
+    if not other.exists():
+        shutil.copytree(dpo["base"], other)
+        cfg = json.load(open(other / "config.json"))
+        cfg["rms_norm_eps"] = 1e-6
+        json.dump(cfg, open(other / "config.json", "w"))
+    compute_ref_logps(dpo["train"], str(other), out, resume=True)
+
+
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
 def test_three_reference_modes_give_the_same_losses(dpo, tmp_path, lora):
     """cached (dpo-ref), a frozen reference model, and the default (frozen copy of the start; with LoRA the
@@ -216,3 +257,10 @@ def test_bad_inputs(dpo, data, tmp_path):
     _expect_error(["dpo", *dpo_args(dpo, tmp_path / "i", **{"--max-seq-len": "32"})], "DPO pairs are never cut")
     r = run(["sft", "--data", data["sft"], "--model", dpo["base"], "-o", str(tmp_path / "j"), "--beta", "1"])
     assert r.exit_code == 2 and "No such option '--beta'" in r.stderr    # DPO options only on `dpo`
+
+
+@pytest.mark.parametrize("command", ["pretrain", "sft", "dpo", "dpo-ref"])
+def test_every_command_has_help_with_example_and_readme_entry(command):
+    r = run([command, "--help"])
+    assert r.exit_code == 0 and f"ernie-train {command} --data" in r.stdout
+    assert f"ernie-train {command} --data" in open(os.path.join(ROOT, "tools", "ernie-train", "README.md")).read()

@@ -125,18 +125,21 @@ cli.add_command(_command("dpo"))
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True, help="Sequences per forward.")
 @click.option("--verify-data/--no-verify-data", default=True, show_default=True,
               help="Check every shard's sha256 against its manifest first.")
+@click.option("--resume", is_flag=True, help="Continue from OUT.safetensors.partial (rewritten every minute).")
 @quiet_option()
 @to_click_errors
-def dpo_ref(data, model_dir, adapter, output, batch_size, verify_data, quiet):
+def dpo_ref(data, model_dir, adapter, output, batch_size, verify_data, resume, quiet):
     from ernie_train.dpo_ref import compute_ref_logps
     with Progress("ernie-train dpo-ref", quiet=quiet, unit="sequences") as progress:
         summary = compute_ref_logps(data, model_dir, output, adapter=adapter, batch_size=batch_size,
-                                    verify_data=verify_data, on_progress=lambda n, p: progress.update(n, p))
+                                    verify_data=verify_data, resume=resume,
+                                    on_progress=lambda n, p: progress.update(n, p))
     emit_json(summary)
 
 
 def main():
-    run_main(cli, "ernie-train", interrupted_hint="rerun with --resume to continue from the last checkpoint")
+    run_main(cli, "ernie-train", interrupted_hint="rerun with --resume to continue from the last checkpoint "
+             "(dpo-ref: from its last partial file)")
 
 
 if __name__ == "__main__":

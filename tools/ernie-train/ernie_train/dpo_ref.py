@@ -153,13 +153,15 @@ class CachedReference:
 
 # ---- dpo-ref: compute once, write the file -----------------------------------------------------
 def compute_ref_logps(data: str, model_dir: str, out: str | None = None, *, adapter: str | None = None,
-                      batch_size: int = 8, verify_data: bool = True, on_progress=None) -> dict:
+                      batch_size: int = 8, verify_data: bool = True, resume: bool = False, save_every: float = 60.0,
+                      on_progress=None) -> dict:
     """Run the reference over every pair of `data` (a dpo dataset) and write OUT.safetensors atomically.
 
     Args:
         data: ernie-pack dpo prefix. model_dir: the reference checkpoint (usually the SFT model).
         out: output prefix (default PREFIX.ref-logps, beside the shards). adapter: a LoRA adapter to
-        apply to model_dir. batch_size: sequences per forward. on_progress(done_sequences, pairs).
+        apply to model_dir. batch_size: sequences per forward. resume: continue from OUT.safetensors.partial,
+        which is rewritten every `save_every` seconds. on_progress(done_sequences, pairs).
     Returns the JSON summary."""
     import time
 
@@ -179,13 +181,26 @@ def compute_ref_logps(data: str, model_dir: str, out: str | None = None, *, adap
     if os.path.isfile(os.path.join(model_dir, "tokenizer.model")) and ds.tokenizer_sha256:
         if ErnieTokenizer.from_pretrained(model_dir).sha256 != ds.tokenizer_sha256:
             raise DPOError(f"{ds.path}: packed with another tokenizer than {model_dir}'s; repack with it")
-    model = ErnieForCausalLM.from_pretrained(model_dir, adapter=adapter)
-    ref = ModelReference(model)
+    path = ref_path(out or default_prefix(data))
+    meta = {"format": FORMAT, "version": str(VERSION), "data_sha256": data_sha256(ds), "sequences": str(len(ds)),
+            "seq_len": str(ds.seq_len), "model": os.fspath(model_dir),
+            "model_config_sha256": _file_sha256(os.path.join(model_dir, "config.json")),
+            "adapter": os.fspath(adapter) if adapter else ""}
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    partial = path + ".partial"
     offsets, parts = [0], {n: [] for n in TENSORS if n != "pair_offsets"}
-    for start in range(0, len(ds), batch_size):
+    if resume and os.path.isfile(partial):
+        offsets, parts = _read_partial(partial, meta)
+    resumed_at = len(offsets) - 1
+    ref = ModelReference(ErnieForCausalLM.from_pretrained(model_dir, adapter=adapter))
+    last_save = time.perf_counter()
+    for start in range(resumed_at, len(ds), batch_size):
         indices = list(range(start, min(len(ds), start + batch_size)))
         b = collate(ds, indices, ds.seq_len, train_data)
         c, r = ref(b, batch_tensors(b))
+        if not (np.isfinite(c).all() and np.isfinite(r).all()):
+            raise ErnieError(f"{model_dir}: the reference gave non-finite log-probs on {ds.path} sequences "
+                             f"{indices[0]}..{indices[-1]}; check the model")
         for row in range(len(indices)):
             mine = np.nonzero(b.pairs.rows == row)[0]
             offsets.append(offsets[-1] + len(mine))
@@ -195,23 +210,43 @@ def compute_ref_logps(data: str, model_dir: str, out: str | None = None, *, adap
             parts["rejected_tokens"].append(b.pairs.rejected_tokens[mine])
         if on_progress:
             on_progress(indices[-1] + 1, offsets[-1])
-    arrays = {"pair_offsets": np.asarray(offsets, np.int64),
-              **{n: np.concatenate(v).astype(np.float32 if TENSORS[n] == "F32" else np.int32) for n, v in parts.items()}}
-    if not (np.isfinite(arrays["chosen_logps"]).all() and np.isfinite(arrays["rejected_logps"]).all()):
-        raise ErnieError(f"{model_dir}: the reference gave non-finite log-probs; check the model")
-    path = ref_path(out or default_prefix(data))
-    meta = {"format": FORMAT, "version": str(VERSION), "data_sha256": data_sha256(ds), "sequences": str(len(ds)),
-            "pairs": str(offsets[-1]), "seq_len": str(ds.seq_len), "model": os.fspath(model_dir),
-            "model_config_sha256": _file_sha256(os.path.join(model_dir, "config.json")),
-            "adapter": os.fspath(adapter) if adapter else ""}
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    write_safetensors(tmp, {n: (a, TENSORS[n]) for n, a in arrays.items()}, meta)
-    os.replace(tmp, path)
-    return {"output": path, "sequences": len(ds), "pairs": offsets[-1], "data_sha256": meta["data_sha256"],
-            "model": meta["model"], "adapter": adapter, "seconds": round(time.perf_counter() - t0, 3),
+        if time.perf_counter() - last_save >= save_every and indices[-1] + 1 < len(ds):
+            _write(partial, offsets, parts, {**meta, "partial": "true"})
+            last_save = time.perf_counter()
+    arrays = _write(path, offsets, parts, meta)
+    if os.path.exists(partial):
+        os.remove(partial)
+    return {"output": path, "sequences": len(ds), "pairs": offsets[-1], "resumed_at": resumed_at,
+            "data_sha256": meta["data_sha256"], "model": meta["model"], "adapter": adapter,
+            "seconds": round(time.perf_counter() - t0, 3),
             "mean_chosen_logps": float(arrays["chosen_logps"].mean()),
             "mean_rejected_logps": float(arrays["rejected_logps"].mean())}
+
+
+def _write(path: str, offsets: list, parts: dict, meta: dict) -> dict:
+    """The tensors of the sequences done so far, written to path atomically (temp name + rename)."""
+    arrays = {"pair_offsets": np.asarray(offsets, np.int64),
+              **{n: (np.concatenate(v) if v else np.zeros(0)).astype(np.float32 if TENSORS[n] == "F32" else np.int32)
+                 for n, v in parts.items()}}
+    write_safetensors(path + ".tmp", {n: (a, TENSORS[n]) for n, a in arrays.items()},
+                      {**meta, "pairs": str(offsets[-1])})
+    os.replace(path + ".tmp", path)
+    return arrays
+
+
+def _read_partial(path: str, meta: dict) -> tuple[list, dict]:
+    """(offsets, parts) from a partial file of the same data, model and adapter; else a one-line error."""
+    try:
+        f = SafetensorsFile(path)
+    except CheckpointError as e:
+        raise DPOError(f"{e}; delete it to start over") from None
+    got = f.metadata
+    for key in ("format", "data_sha256", "model_config_sha256", "adapter"):
+        if got.get(key) != meta[key]:
+            raise DPOError(f"{path}: written for another {key.replace('_', ' ')} ({str(got.get(key))[:16]!r}); "
+                           "delete it or drop --resume to start over")
+    offsets = [int(x) for x in np.asarray(f.get("pair_offsets"))]
+    return offsets, {n: [np.array(f.get(n))] for n in TENSORS if n != "pair_offsets"}
 
 
 def collate(ds: PackedDataset, indices: list[int], seq_len: int, train_data=None):

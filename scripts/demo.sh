@@ -50,11 +50,14 @@ ernie-pack dpo -q --tokenizer "$OUT/tokenizer" --seq-len 256 -o "$OUT/data/dpo" 
 ernie-pack dpo -q --tokenizer "$OUT/tokenizer" --seq-len 256 -o "$OUT/data/dpo-eval" assets/dpo/arithmetic-pref-eval.jsonl > /dev/null
 ernie-train dpo-ref -q --data "$OUT/data/dpo" --model "$OUT/sft-model" \
   | python -c 'import json,sys; s=json.load(sys.stdin); print("reference log-probs of %(pairs)s pairs cached in %(output)s (%(seconds).1f s)" % s)'
+# --sft-loss-ratio 1 keeps the chosen answers likely: plain DPO on this tiny model lowers both replies, its
+# end-of-sentence token with them, and the served model then rambles (tools/ernie-train/README.md).
 ernie-train dpo --data "$OUT/data/dpo" --model "$OUT/sft-model" --ref-logps "$OUT/data/dpo.ref-logps" --lora --lora-rank 16 \
   -o "$OUT/dpo" --max-steps "$DPO_STEPS" --save-steps "$DPO_STEPS" --logging-steps 5 --learning-rate 2e-3 --warmup-steps 5 \
-  --per-device-train-batch-size 4 --beta 0.1 > "$OUT/dpo.json"
+  --per-device-train-batch-size 4 --beta 0.5 --sft-loss-ratio 1 > "$OUT/dpo.json"
 DPO_ADAPTER=$(python -c 'import json,sys; print(json.load(open(sys.argv[1]))["checkpoint"])' "$OUT/dpo.json")
-python scripts/demo_dpo_report.py --sft "$OUT/sft-model" --adapter "$DPO_ADAPTER" --data "$OUT/data/dpo-eval" --run "$OUT/dpo"
+python scripts/demo_dpo_report.py --sft "$OUT/sft-model" --adapter "$DPO_ADAPTER" --data "$OUT/data/dpo-eval" --run "$OUT/dpo" \
+  --beta 0.5 --eval assets/sft/arithmetic-eval.jsonl
 
 say "7. merge the DPO adapter into the SFT model, one tensor at a time, into FastDeploy's Paddle layout"
 ernie-merge --base "$OUT/sft-model" --adapter "$DPO_ADAPTER" -o "$OUT/chat-model" --layout paddle --verify -q \

@@ -1,11 +1,12 @@
 """The demo's DPO report: on held-out preference pairs, how often the model ranks the correct answer above
 the wrong one, before (the SFT model) and after DPO, and the reward accuracy DPO optimises.
 
-    python scripts/demo_dpo_report.py --sft DIR --adapter DIR --data PREFIX --run OUTDIR [--beta 0.1]
+    python scripts/demo_dpo_report.py --sft DIR --adapter DIR --data PREFIX --run OUTDIR [--beta 0.1] [--eval JSONL]
 
 - likelihood accuracy: log p(chosen) > log p(rejected) (length-normalised as the loss uses them);
 - reward accuracy: beta * log(p / p_ref)(chosen) > the same for rejected, with the SFT model as reference.
-  Before DPO the policy is the reference, every reward is 0 and this is 0 by definition.
+  Before DPO the policy is the reference, every reward is 0 and this is 0 by definition;
+- with --eval, exact answers to held-out sums (as demo_report.py counts them), before and after.
 """
 import argparse
 import json
@@ -38,10 +39,12 @@ def main():
     for a in ("--sft", "--adapter", "--data", "--run"):
         ap.add_argument(a, required=True)
     ap.add_argument("--beta", type=float, default=0.1)
+    ap.add_argument("--eval", default=None)
     args = ap.parse_args()
     ds = PackedDataset(args.data)
-    sft_c, sft_r = logps(ErnieForCausalLM.from_pretrained(args.sft), ds)
-    dpo_c, dpo_r = logps(ErnieForCausalLM.from_pretrained(args.sft, adapter=args.adapter), ds)
+    sft, tuned = ErnieForCausalLM.from_pretrained(args.sft), ErnieForCausalLM.from_pretrained(args.sft, adapter=args.adapter)
+    sft_c, sft_r = logps(sft, ds)
+    dpo_c, dpo_r = logps(tuned, ds)
     reward_acc = float(np.mean(args.beta * (dpo_c - sft_c) > args.beta * (dpo_r - sft_r)))
     recs = [json.loads(x) for x in open(os.path.join(args.run, "metrics.jsonl"))]
     print(f"DPO training batches: reward accuracy {recs[0]['rewards/accuracies']:.0%} at step {recs[0]['step']} "
@@ -51,6 +54,13 @@ def main():
     print(f"  ranks the correct answer above the wrong one   SFT {np.mean(sft_c > sft_r):.0%}   "
           f"after DPO {np.mean(dpo_c > dpo_r):.0%}")
     print(f"  reward accuracy (beta log p/p_sft)             before 0% (policy = reference)   after DPO {reward_acc:.0%}")
+    if args.eval:
+        from demo_report import accuracy
+        from libernie.tokenizer import ErnieTokenizer
+        tok = ErnieTokenizer.from_pretrained(args.sft)
+        rows = [json.loads(line) for line in open(args.eval)]
+        print(f"  exact answers to {len(rows)} held-out sums, greedy        SFT {accuracy(sft, tok, rows):.0%}   "
+              f"after DPO {accuracy(tuned, tok, rows):.0%}")
 
 
 if __name__ == "__main__":

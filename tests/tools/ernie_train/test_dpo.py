@@ -83,7 +83,7 @@ def test_dpo_ref_resumes_from_its_partial_file(dpo, tmp_path):
     class Stop(Exception):
         pass
 
-    def stop_in_the_third_batch(done, pairs):
+    def stop_in_the_third_batch(done, tokens):
         if done >= 30:
             raise Stop
     out = str(tmp_path / "ref")

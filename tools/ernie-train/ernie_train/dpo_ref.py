@@ -161,7 +161,7 @@ def compute_ref_logps(data: str, model_dir: str, out: str | None = None, *, adap
         data: ernie-pack dpo prefix. model_dir: the reference checkpoint (usually the SFT model).
         out: output prefix (default PREFIX.ref-logps, beside the shards). adapter: a LoRA adapter to
         apply to model_dir. batch_size: sequences per forward. resume: continue from OUT.safetensors.partial,
-        which is rewritten every `save_every` seconds. on_progress(done_sequences, pairs).
+        which is rewritten every `save_every` seconds. on_progress(done_sequences, tokens_this_run).
     Returns the JSON summary."""
     import time
 
@@ -193,7 +193,7 @@ def compute_ref_logps(data: str, model_dir: str, out: str | None = None, *, adap
         offsets, parts = _read_partial(partial, meta)
     resumed_at = len(offsets) - 1
     ref = ModelReference(ErnieForCausalLM.from_pretrained(model_dir, adapter=adapter))
-    last_save = time.perf_counter()
+    last_save, tokens = time.perf_counter(), 0
     for start in range(resumed_at, len(ds), batch_size):
         indices = list(range(start, min(len(ds), start + batch_size)))
         b = collate(ds, indices, ds.seq_len, train_data)
@@ -208,8 +208,9 @@ def compute_ref_logps(data: str, model_dir: str, out: str | None = None, *, adap
             parts["rejected_logps"].append(r[mine])
             parts["chosen_tokens"].append(b.pairs.chosen_tokens[mine])
             parts["rejected_tokens"].append(b.pairs.rejected_tokens[mine])
+        tokens += int((b.doc_ids >= 0).sum())
         if on_progress:
-            on_progress(indices[-1] + 1, offsets[-1])
+            on_progress(indices[-1] + 1, tokens)
         if time.perf_counter() - last_save >= save_every and indices[-1] + 1 < len(ds):
             _write(partial, offsets, parts, {**meta, "partial": "true"})
             last_save = time.perf_counter()

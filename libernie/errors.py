@@ -40,3 +40,12 @@ class PackError(ErnieError):
 
 class LoRAError(ErnieError):
     """A LoRA configuration or adapter directory that cannot be applied to the model."""
+
+
+class OutputPathError(ErnieError):
+    """An output path that cannot be created or written (a missing parent that cannot be made, a read-only
+    or non-directory parent, a directory where a file is wanted). Raised before any input is read."""
+
+
+class NonFiniteLogitsError(ErnieError):
+    """The model produced NaN or infinite logits: its weights are broken (e.g. saved from a diverged run)."""

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from libernie.errors import NonFiniteLogitsError
+
 
 @dataclass
 class SamplingParams:
@@ -45,7 +47,11 @@ def apply_penalties(logits: np.ndarray, params: SamplingParams, seen: np.ndarray
 
 def sample(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator | None = None,
            seen: np.ndarray | None = None, generated: np.ndarray | None = None) -> int:
-    """Pick one token id from `logits` [V]."""
+    """Pick one token id from `logits` [V]. Raises NonFiniteLogitsError if any logit is NaN or inf: argmax
+    would silently pick the first NaN (token 0) and the sampler would draw from NaN probabilities."""
+    if not np.isfinite(logits).all():
+        raise NonFiniteLogitsError(f"the model's logits hold {'NaN' if np.isnan(logits).any() else 'inf'}; its "
+                                   "weights are broken (saved from a diverged run?); use an earlier checkpoint")
     logits = apply_penalties(np.array(logits, dtype=np.float64), params, seen, generated)
     if params.temperature == 0:
         return int(np.argmax(logits))

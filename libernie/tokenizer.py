@@ -49,6 +49,25 @@ _MODEL_FILE = "tokenizer.model"
 _HINT = "pass a directory containing tokenizer.model or the .model file"
 
 
+def resolve_tokenizer_file(path) -> Path:
+    """The one rule every tool's --tokenizer follows: PATH is a directory holding tokenizer.model, or a
+    SentencePiece model file of any name (tok.model, spm.model...). Returns that file's path; its directory
+    is where tokenizer_config.json and the other side files are looked for.
+
+    Raises TokenizerError (one line naming PATH) if PATH does not exist, or is a directory without
+    tokenizer.model. Whether the file really is an ERNIE SentencePiece model is checked when it is loaded.
+    """
+    p = Path(os.path.expanduser(str(path)))
+    if p.is_dir():
+        model = p / _MODEL_FILE
+        if not model.is_file():
+            raise TokenizerError(f"{path}: no {_MODEL_FILE} found; {_HINT}")
+        return model
+    if not p.exists():
+        raise TokenizerError(f"{path}: no such file or directory; {_HINT}")
+    return p
+
+
 class ErnieTokenizer:
     """A SentencePiece tokenizer with ERNIE 4.5's ids, special tokens and chat template.
 
@@ -112,13 +131,9 @@ class ErnieTokenizer:
 
     @classmethod
     def from_pretrained(cls, path) -> "ErnieTokenizer":
-        """Load from a directory holding tokenizer.model (and maybe tokenizer_config.json) or a .model file."""
-        p = Path(path)
-        model = p / _MODEL_FILE if p.is_dir() else p
-        if p.is_dir() and not model.is_file():
-            raise TokenizerError(f"{path}: no {_MODEL_FILE} found; {_HINT}")
-        if not p.exists():
-            raise TokenizerError(f"{path}: no such file or directory; {_HINT}")
+        """Load from a directory holding tokenizer.model (and maybe tokenizer_config.json) or a .model file
+        of any name; `resolve_tokenizer_file` decides which file that is."""
+        model = resolve_tokenizer_file(path)
         try:
             data = model.read_bytes()
         except OSError as e:

@@ -85,3 +85,10 @@ setup() {
   assert_failure 2
   assert_stderr --partial "Invalid value for '--layout'"
 }
+
+@test "an OUTDIR that cannot be created fails before the base is read, in one line" {
+  run --separate-stderr ernie-merge --base no/such/base -o /proc/nope/merged
+  assert_failure 1
+  assert_output ""
+  assert_equal "$stderr" "Error: /proc/nope/merged: cannot create /proc/nope/merged under /proc (No such file or directory); choose another output path"
+}

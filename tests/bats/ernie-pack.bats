@@ -74,3 +74,40 @@ setup() {
   assert_output --partial "out/s: sft, seq_len 256"
   assert_equal "$stderr" ""
 }
+
+@test "an empty input file is one line, exit 1, and nothing written" {
+  : > empty.jsonl
+  run --separate-stderr ernie-pack pretrain --tokenizer "$TOKENIZER" --seq-len 64 -o out/e empty.jsonl
+  assert_failure 1
+  assert_output ""
+  assert_equal "$stderr" "Error: empty.jsonl: no records to pack; nothing was written; pass --allow-empty to write an empty dataset"
+  assert [ ! -e out ]
+}
+
+@test "only blank lines on stdin is empty too; --allow-empty writes an empty dataset" {
+  run --separate-stderr bats_pipe printf '\n\n' \| ernie-pack sft --tokenizer "$TOKENIZER" --seq-len 64 -o out/e -
+  assert_failure 1
+  assert_equal "$stderr" "Error: stdin: no records to pack (2 blank lines); nothing was written; pass --allow-empty to write an empty dataset"
+  assert [ ! -e out ]
+  run --separate-stderr bats_pipe printf '\n\n' \| ernie-pack sft --tokenizer "$TOKENIZER" --seq-len 64 -o out/e -q --allow-empty - \| jq .sequences
+  assert_success
+  assert_output "0"
+  run jq -c .shards out/e.json
+  assert_output "[]"
+}
+
+@test "an output that cannot be created fails before the input is read" {
+  printf '{"text": \n' > bad.jsonl   # reading it would fail on line 1
+  run --separate-stderr ernie-pack pretrain --tokenizer "$TOKENIZER" --seq-len 64 -o /proc/nope/x bad.jsonl
+  assert_failure 1
+  assert_output ""
+  assert_equal "$stderr" "Error: /proc/nope/x: cannot create /proc/nope under /proc (No such file or directory); choose another output path"
+}
+
+@test "--tokenizer takes any .model file, with the same result as its directory" {
+  cp "$TOKENIZER/tokenizer.model" tok.model
+  ernie-pack pretrain --tokenizer tok.model --seq-len 64 -o out/f -q docs.jsonl >/dev/null
+  ernie-pack pretrain --tokenizer "$TOKENIZER" --seq-len 64 -o out/d -q docs.jsonl >/dev/null
+  run cmp out/f-00000.npy out/d-00000.npy
+  assert_success
+}

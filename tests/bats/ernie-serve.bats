@@ -119,3 +119,9 @@ chat_body='{"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 8,
   run jq -r '.model' serve.out
   assert_output tiny
 }
+
+@test "ernie-serve --tokenizer takes a .model file of any name; a missing one is one line, exit 1" {
+  run --separate-stderr ernie-serve "$CKPT" --tokenizer nowhere.model
+  assert_failure 1
+  assert_equal "$stderr" "Error: nowhere.model: no such file or directory; pass a directory containing tokenizer.model or the .model file"
+}

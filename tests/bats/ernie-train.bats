@@ -61,3 +61,43 @@ setup() {
   assert_regex "$stderr" "^Error: data/b.ref-logps.safetensors: made for data sha256 .*rerun \`ernie-train dpo-ref\` on these shards$"
   assert [ ! -e run ]
 }
+
+@test "--tokenizer takes any .model file, as ernie-pack does" {
+  cp "$TOKENIZER/tokenizer.model" tok.model
+  run --separate-stderr bats_pipe ernie-train pretrain --data data/pt --init-config ernie-tiny --tokenizer tok.model \
+    -o run --max-steps 1 -q \| jq -r .checkpoint
+  assert_success
+  run cmp "$output/tokenizer.model" tok.model
+  assert_success
+}
+
+@test "a diverging run stops: one line naming the step and last good checkpoint, exit 1, strict JSON metrics" {
+  run --separate-stderr ernie-train pretrain --data data/pt --init-config ernie-tiny --tokenizer "$TOKENIZER" -o run \
+    --max-steps 6 --logging-steps 1 --save-steps 1 --learning-rate 1e6 --max-grad-norm 0 -q
+  assert_failure 1
+  assert_output ""
+  assert_equal "$(printf '%s\n' "$stderr" | wc -l)" 1
+  assert_regex "$stderr" "^Error: step ([0-9]+): non-finite loss .* \(last good checkpoint: run/checkpoint-[0-9]+\)"
+  bad=$(printf '%s' "$stderr" | sed -E 's/^Error: step ([0-9]+):.*/\1/')
+  assert [ ! -e "run/$(printf 'checkpoint-%08d' "$bad")" ]
+  run jq -c 'select(.grad_norm == null or .loss == null) | .step' run/metrics.jsonl   # jq parses every line
+  assert_success
+  assert_output "$bad"
+}
+
+@test "--skip-nan-inf-steps skips bad steps and counts them in metrics.jsonl" {
+  run --separate-stderr bats_pipe ernie-train pretrain --data data/pt --init-config ernie-tiny --tokenizer "$TOKENIZER" \
+    -o run --max-steps 5 --logging-steps 1 --learning-rate 1e6 --max-grad-norm 0 --skip-nan-inf-steps 10 -q \| jq .skipped_steps
+  assert_success
+  skipped="$output"
+  assert [ "$skipped" -gt 0 ]
+  run jq -s -c 'map(.skipped_steps) | max' run/metrics.jsonl
+  assert_output "$skipped"
+}
+
+@test "an output directory that cannot be created fails before the data is read" {
+  run --separate-stderr ernie-train pretrain --data no/such/data --init-config ernie-tiny --tokenizer "$TOKENIZER" \
+    -o /proc/nope/run -q
+  assert_failure 1
+  assert_equal "$stderr" "Error: /proc/nope/run: cannot create /proc/nope/run under /proc (No such file or directory); choose another output path"
+}

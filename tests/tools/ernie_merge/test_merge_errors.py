@@ -7,7 +7,7 @@ import pytest
 from merge_testlib import make_adapter, make_base, write_json, write_safetensors_np
 
 from ernie_merge.merge import merge
-from libernie.errors import CheckpointError, LoRAError
+from libernie.errors import CheckpointError, LoRAError, OutputPathError
 
 
 @pytest.fixture
@@ -103,6 +103,7 @@ def test_unknown_adapter_directory(tmp_path, base):
 
 def test_os_errors_are_one_line(tmp_path, base):
     (tmp_path / "file").write_text("not a directory")
-    with pytest.raises(CheckpointError) as e:  # the parent of OUTDIR is a file
+    with pytest.raises(OutputPathError) as e:  # the parent of OUTDIR is a file: found before any input is read
         merge(base, None, tmp_path / "file" / "out")
-    assert str(e.value) == f"{tmp_path / 'file'}: File exists; check the path, its permissions and the free space"
+    assert str(e.value) == (f"{tmp_path / 'file' / 'out'}: cannot be created: {tmp_path / 'file'} is not a "
+                            "directory; choose another output path")

@@ -82,7 +82,9 @@ def test_bad_input_stops_with_file_line_and_no_output(tmp_path, tokenizer_path, 
     assert r.exit_code == 1 and r.stdout == ""
     assert r.stderr.startswith(f"Error: {inp}:{line}: {message}") and r.stderr.count("\n") == 1
     assert list(out.iterdir()) == []  # no manifest, no shard, no temp file, no checkpoint
-    r = invoke("pretrain", "--tokenizer", tokenizer_path, "--seq-len", 64, "-o", out / "d", "-q", "--skip-bad", inp)
+    # Some inputs hold no good record at all: --allow-empty says an empty dataset is what we want then.
+    r = invoke("pretrain", "--tokenizer", tokenizer_path, "--seq-len", 64, "-o", out / "d", "-q", "--skip-bad",
+               "--allow-empty", inp)
     assert r.exit_code == 0 and orjson.loads(r.stdout)["skipped"] == {reason: 1}
     assert PackedDataset(out / "d").manifest.skipped == {reason: 1}
 
@@ -115,6 +117,7 @@ def test_wrong_tokenizer_and_missing_input_exit_1(tmp_path, tokenizer_path):
     (["pretrain", "--tokenizer", "t", "--seq-len", "64", "-o", "x", "--policy", "best"], "--policy"),
     (["pretrain", "--tokenizer", "t", "--seq-len", "64", "-o", "x", "--weights", "1,2", "a"], "--weights"),
     (["sft", "--tokenizer", "t", "--seq-len", "64", "-o", "x", "--split", "1,x"], "--split"),
+    (["pretrain", "--tokenizer", "t", "--seq-len", "64", "-o", "-"], "shards cannot go to stdout"),
 ])
 def test_usage_errors_exit_2(args, message):
     r = invoke(*args)
@@ -136,8 +139,13 @@ def test_inspect_text_and_json(tmp_path, tokenizer_path):
     assert r.exit_code == 1 and "out of range" in r.stderr
 
 
-def test_empty_input_writes_an_empty_dataset(tmp_path, tokenizer_path):
+def test_empty_input_writes_an_empty_dataset_only_when_asked(tmp_path, tokenizer_path):
     r = invoke("sft", "--tokenizer", tokenizer_path, "--seq-len", 64, "-o", tmp_path / "e", "-q", input=b"")
+    assert r.exit_code == 1 and r.stdout == "" and list(tmp_path.iterdir()) == []
+    assert r.stderr == "Error: stdin: no records to pack; nothing was written; pass --allow-empty to write an " \
+                       "empty dataset\n"
+    r = invoke("sft", "--tokenizer", tokenizer_path, "--seq-len", 64, "-o", tmp_path / "e", "-q", "--allow-empty",
+               input=b"")
     assert r.exit_code == 0 and orjson.loads(r.stdout)["sequences"] == 0
     ds = PackedDataset(tmp_path / "e")
     assert len(ds) == 0 and ds.manifest.shards == [] and not list(tmp_path.glob("*.npy"))

@@ -170,3 +170,14 @@ def test_non_finite_or_negative_options_fail_before_any_output(data, tmp_path, o
     r = CliRunner().invoke(cli, ["pretrain", *base_args(data, out, **{opt: value}), "-q"])
     assert r.exit_code == 1 and r.stderr.startswith(f"Error: {opt} must be") and r.stderr.count("\n") == 1
     assert not out.exists()
+
+
+def test_the_skip_count_survives_resume(data, tmp_path):
+    out = tmp_path / "run"
+    opts = {**DIVERGE, "--skip-nan-inf-steps": "3", "--max-steps": "4"}
+    r = CliRunner().invoke(cli, ["pretrain", *base_args(data, out, **opts), "-q"])
+    assert r.exit_code == 0 and _strict(r.stdout)["skipped_steps"] == 2  # steps 3 and 4
+    # Resumed for 2 more steps: the budget of 3 is spent by step 5, so step 6 stops the run.
+    r = CliRunner().invoke(cli, ["pretrain", *base_args(data, out, **{**opts, "--max-steps": "6"}), "--resume", "-q"])
+    assert r.exit_code == 1 and "Error: step 6:" in r.stderr and "after skipping 3" in r.stderr
+    assert [_strict(x)["skipped_steps"] for x in open(out / "metrics.jsonl")] == [0, 0, 1, 2, 3, 3]

@@ -3,9 +3,14 @@ import click
 
 
 def tokenizer_option(required: bool = True, help: str | None = None):
-    """--tokenizer PATH: a directory holding tokenizer.model, or the .model file itself."""
+    """--tokenizer PATH: a directory holding tokenizer.model, or a .model file of any name.
+
+    The value is passed on as given; tools load it with `ErnieTokenizer.from_pretrained(PATH)`, which
+    applies libernie's one rule, `libernie.tokenizer.resolve_tokenizer_file` (and its one-line errors).
+    It is not checked while parsing: usage errors (exit 2) must not be hidden behind a missing file (exit 1).
+    """
     return click.option("--tokenizer", "tokenizer", metavar="PATH", required=required,
-                        help=help or "Tokenizer: a directory with tokenizer.model, or the .model file.")
+                        help=help or "Tokenizer: a directory with tokenizer.model, or any .model file.")
 
 
 def seq_len_option(required: bool = True, default: int | None = None, help: str | None = None):

@@ -103,6 +103,12 @@ def check(adapter: Adapter, targets: Targets, where: str) -> None:
         if r.value.shape != want or r.offset + r.value.shape[-1] > shape[-1]:
             raise LoRAError(f"{where}: {r.source} has shape {list(r.value.shape)}, base tensor {r.target} "
                             f"needs {list(want)}; was it trained on another base?")
+    # A diverged run's adapter would merge into NaN weights that load and serve garbage without a word.
+    arrays = [(f"{d.source} (A or B)", x) for d in adapter.deltas for x in (d.a, d.b)]
+    for source, x in arrays + [(r.source, r.value) for r in adapter.replacements]:
+        if not np.isfinite(x).all():
+            raise LoRAError(f"{where}: {source} holds NaN or infinite values (its training diverged?); "
+                            "merge an earlier checkpoint")
 
 
 def _unmatched(names: list[str], where: str) -> LoRAError:

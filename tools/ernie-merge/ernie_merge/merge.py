@@ -25,6 +25,7 @@ from libernie.checkpoint.sharded import CheckpointReader, atomic_dir, parse_size
 from libernie.checkpoint.stream import Entry, StreamingWriter, read_array, tensor_span, widen
 from libernie.config import ErnieConfig
 from libernie.errors import CheckpointError
+from libernie.paths import check_writable
 
 from ernie_merge.adapters import EMBED, TIED_HEAD, Adapter, read_adapter
 from ernie_merge.files import copy_side_files, peak_rss_mb, sha_warning, version
@@ -93,6 +94,7 @@ def merge(base, adapter=None, out=None, layout: str | None = None, dtype: str = 
         raise CheckpointError(f"{out}: is the base model directory; write the merged model somewhere else")
     if os.path.exists(out) and not force:
         raise CheckpointError(f"{out}: already exists; choose another path or pass --force")
+    check_writable(out, is_dir=True)  # before any input is read
     try:
         plan = make_plan(base, adapter, layout, dtype)
         total = sum(e.nbytes for e in plan.entries)

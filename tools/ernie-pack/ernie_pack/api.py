@@ -13,6 +13,7 @@ import orjson
 
 from libernie.data.sources import parse_split
 from libernie.errors import PackError
+from libernie.paths import check_writable
 
 MODES = ("pretrain", "sft", "dpo")
 
@@ -39,6 +40,9 @@ class PackOptions:
         seed: seed of the split hash (default 0).
         weights: one positive weight per input for interleaving them (default equal).
         skip_bad: count and skip bad records instead of stopping at the first one.
+        allow_empty: write an empty dataset (manifest with no shards) when the input holds no record;
+            without it, zero records (an empty file, only blank lines, every record skipped) is an error
+            and nothing is written.
         resume: continue an interrupted run from its checkpoint (PREFIX.pack-state).
         chunk_records: records per unit of work (default 512); part of the checkpoint, not of the output.
     """
@@ -59,12 +63,15 @@ class PackOptions:
     seed: int = 0
     weights: list[float] | None = None
     skip_bad: bool = False
+    allow_empty: bool = False
     resume: bool = False
     chunk_records: int = 512
 
     def check(self) -> None:
         """Raise PackError for options that cannot work together (the CLI maps it to a usage error)."""
         problems = []
+        if self.output in ("", "-"):
+            problems.append("-o needs a file prefix such as data/train; shards cannot go to stdout")
         if self.mode not in MODES:
             problems.append(f"mode {self.mode!r} is not one of {', '.join(MODES)}")
         if self.seq_len < 2 or self.seq_len >= 2**32:
@@ -91,7 +98,7 @@ class PackOptions:
     def recorded(self) -> dict:
         """The options that decide the output bytes (written into each manifest; workers/resume excluded)."""
         d = asdict(self)
-        for k in ("workers", "resume", "chunk_records"):
+        for k in ("workers", "resume", "chunk_records", "allow_empty"):
             d.pop(k)
         d["inputs"] = list(self.inputs) or ["-"]
         return d
@@ -131,6 +138,7 @@ def pack(options: PackOptions, progress: ProgressFn | None = None) -> PackSummar
     from ernie_pack.run import PackRun  # keeps `ernie-pack --help` from importing numpy and sentencepiece
 
     options.check()
+    check_writable(options.output, prefix=True)  # before the tokenizer or any input is read: a typo fails in seconds
     return PackRun(options, progress).run()
 
 

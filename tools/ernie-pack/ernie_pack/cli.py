@@ -68,6 +68,8 @@ def _pack_options(mode: str):
         click.option("--open-bins", type=click.IntRange(min=1), default=256, show_default=True,
                      help="Partly filled sequences kept open between passes."),
         click.option("--skip-bad", is_flag=True, help="Count and skip bad records instead of stopping at the first."),
+        click.option("--allow-empty", is_flag=True,
+                     help="Write an empty dataset when the input has no record (default: error, nothing written)."),
         click.option("--resume", is_flag=True, help="Continue an interrupted run (same inputs and options)."),
         quiet_option(),
     ]

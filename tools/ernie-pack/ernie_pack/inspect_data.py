@@ -15,7 +15,8 @@ def inspect_dataset(prefix: str, index: int | None = 0, verify: bool = False, to
 
     Returns {"prefix", "mode", "seq_len", "dtype", "sequences", "counts", "packing_efficiency", "skipped",
     "shards", "verified", "sequence"?: {"index", "length", "loss_tokens", "segments": [{"role", "start", "end",
-    "continued", "text", "loss_text"}]}}.
+    "continued", "continues_previous_sequence", "text", "loss_text"}]}}. continues_previous_sequence is true
+    only under --policy concat, where a CONTINUED piece joins the end of sequence index-1.
     """
     ds = PackedDataset(prefix, pad=False)
     if verify:
@@ -24,7 +25,7 @@ def inspect_dataset(prefix: str, index: int | None = 0, verify: bool = False, to
     out = {"prefix": str(prefix), "mode": m.mode, "seq_len": m.seq_len, "dtype": m.dtype, "sequences": len(ds),
            "counts": m.counts, "packing_efficiency": m.packing_efficiency, "skipped": m.skipped,
            "shards": len(m.shards), "verified": verify}
-    if index is None:
+    if index is None or len(ds) == 0:  # an empty dataset (ernie-pack --allow-empty): its stats say so
         return out
     if not -len(ds) <= index < len(ds):
         raise PackError(f"{ds.path}: sequence {index} out of range, the dataset has {len(ds)}; pick 0..{len(ds) - 1}")
@@ -35,11 +36,14 @@ def inspect_dataset(prefix: str, index: int | None = 0, verify: bool = False, to
                         "pass the right one with --tokenizer")
     sample = ds[index]
     segments = []
+    concat = m.options.get("policy") == "concat"
     for start, end, flags in ds.segments(index):
         ids, mask = sample.input_ids[start:end], sample.loss_mask[start:end]
-        segments.append({"role": ROLE_NAMES[flags & 3], "start": start, "end": end,
-                         "continued": bool(flags & FLAG_CONTINUED), "text": tok.decode(ids),
-                         "loss_text": _marked(tok, ids, mask)})
+        cont = bool(flags & FLAG_CONTINUED)
+        # Only --policy concat puts a piece right after the one before it (docs/formats/shards.md).
+        segments.append({"role": ROLE_NAMES[flags & 3], "start": start, "end": end, "continued": cont,
+                         "continues_previous_sequence": cont and concat and start == 0,
+                         "text": tok.decode(ids), "loss_text": _marked(tok, ids, mask)})
     out["sequence"] = {"index": index, "length": sample.length, "loss_tokens": int(sample.loss_mask.sum()),
                        "segments": segments}
     return out
@@ -73,7 +77,10 @@ def render_text(report: dict) -> str:
         lines.append(f"\nsequence {seq['index']}: {seq['length']} tokens, {seq['loss_tokens']} with loss "
                      f"(trained text is in {OPEN} {CLOSE})")
         for k, s in enumerate(seq["segments"]):
-            cont = ", continued" if s["continued"] else ""
+            cont = ""
+            if s["continued"]:
+                cont = (", continued from the previous sequence" if s["continues_previous_sequence"] else
+                        ", continued: a later piece of a longer document (bfd: pieces are not adjacent)")
             lines.append(f"--- segment {k}: {s['role']}{cont}, tokens {s['start']}..{s['end']} ---")
             lines.append(s["loss_text"])
     return "\n".join(lines)

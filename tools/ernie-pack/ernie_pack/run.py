@@ -78,6 +78,9 @@ class PackRun:
             if not done:
                 self.reader.open(reader_state)
                 self._consume(skip)
+                if self.documents == 0 and not self.o.allow_empty:
+                    self._discard()
+                    raise PackError(self._empty_message())
                 self._finish()
             self._write_manifests()
             self.state_path.unlink(missing_ok=True)
@@ -177,6 +180,7 @@ class PackRun:
                  "outputs": {str(k): out.state() for k, out in self.outputs.items()},
                  "packers": {str(k): p.state() for k, p in self.packers.items()}}
         tmp = self.state_path.with_name(self.state_path.name + ".tmp")
+        tmp.parent.mkdir(parents=True, exist_ok=True)  # no shard may have created it (an empty dataset)
         with open(tmp, "wb") as f:
             f.write(orjson.dumps(state, option=orjson.OPT_SERIALIZE_NUMPY))
             f.flush()
@@ -217,6 +221,12 @@ class PackRun:
                 for p in pair:
                     p.unlink(missing_ok=True)
         self.state_path.unlink(missing_ok=True)
+
+    def _empty_message(self) -> str:
+        names = ", ".join(self.o.inputs) if self.o.inputs and self.o.inputs != ["-"] else "stdin"
+        seen = [f"{n} {k.replace('_', ' ')}" for k, n in sorted({**self.notes, **self.skipped}.items()) if n]
+        return (f"{names}: no records to pack{' (' + ', '.join(seen) + ')' if seen else ''}; nothing was "
+                "written; pass --allow-empty to write an empty dataset")
 
     # ---- results ---------------------------------------------------------------------------------------
     def _write_manifests(self) -> None:

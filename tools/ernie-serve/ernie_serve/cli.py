@@ -57,9 +57,12 @@ def serve_cmd(model_dir, host, port, max_batch, max_waiting, max_model_len, api_
     try:  # fail before listening: config, shard headers and tokenizer are cheap to check
         model_config = ErnieConfig.from_file(model_dir)
         CheckpointReader(model_dir)
-        tok = ErnieTokenizer.from_pretrained(tokenizer or model_dir)
     except ErnieError as e:
         raise click.ClickException(_with_dir(model_dir, e)) from None
+    try:  # an explicit --tokenizer's error names that path, not DIR
+        tok = ErnieTokenizer.from_pretrained(tokenizer or model_dir)
+    except ErnieError as e:
+        raise click.ClickException(str(e) if tokenizer else _with_dir(model_dir, e)) from None
     if max_model_len is not None and max_model_len > model_config.max_position_embeddings:
         raise click.BadParameter(f"{max_model_len} exceeds the model's max_position_embeddings "
                                  f"({model_config.max_position_embeddings})", param_hint="--max-model-len")

@@ -24,7 +24,8 @@ _HELP = {
     "eval_data": "ernie-pack prefix of held-out data: loss and perplexity every --eval-steps.",
     "model": "Start from this checkpoint directory (either layout).",
     "init_config": "Start from scratch: a preset (ernie-tiny, ernie-small, ernie-4.5-0.3b) or a config.json.",
-    "tokenizer": "Tokenizer directory (needed with --init-config; default: the model's).",
+    "tokenizer": "Tokenizer: a directory with tokenizer.model, or any .model file (needed with --init-config; "
+                 "default: the model's).",
     "output_dir": "Where checkpoints, metrics.jsonl and train_config.json go.",
     "lora": "Train a LoRA adapter instead of the full model.",
     "recompute": "Recompute activations per decoder layer in backward (less memory, ~30% more compute).",

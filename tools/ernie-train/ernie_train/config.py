@@ -96,7 +96,8 @@ class TrainConfig:
             v = getattr(self, name)
             if isinstance(v, float) and not math.isfinite(v):
                 raise TrainConfigError(f"--{name.replace('_', '-')} must be a finite number, got {v}")
-        for name in ("skip_nan_inf_steps", "learning_rate", "save_steps", "eval_steps", "warmup_steps", "weight_decay", "min_lr", "max_grad_norm"):
+        for name in ("skip_nan_inf_steps", "learning_rate", "save_steps", "eval_steps", "warmup_steps",
+                     "weight_decay", "min_lr", "max_grad_norm"):
             if getattr(self, name) < 0:
                 raise TrainConfigError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
         if self.lr_scheduler_type not in ("cosine", "linear", "constant"):

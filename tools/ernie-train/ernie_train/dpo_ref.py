@@ -169,7 +169,10 @@ def compute_ref_logps(data: str, model_dir: str, out: str | None = None, *, adap
     from libernie.tokenizer import ErnieTokenizer
 
     from ernie_train import data as train_data
+    from libernie.paths import check_writable
     t0 = time.perf_counter()
+    path = ref_path(out or default_prefix(data))
+    check_writable(path)                          # an unwritable output fails before the model is loaded
     ds = PackedDataset(data)
     if ds.mode != "dpo":
         raise DPOError(f"{ds.path}: packed for {ds.mode!r}, but reference log-probs need dpo shards; "
@@ -181,7 +184,6 @@ def compute_ref_logps(data: str, model_dir: str, out: str | None = None, *, adap
     if os.path.isfile(os.path.join(model_dir, "tokenizer.model")) and ds.tokenizer_sha256:
         if ErnieTokenizer.from_pretrained(model_dir).sha256 != ds.tokenizer_sha256:
             raise DPOError(f"{ds.path}: packed with another tokenizer than {model_dir}'s; repack with it")
-    path = ref_path(out or default_prefix(data))
     meta = {"format": FORMAT, "version": str(VERSION), "data_sha256": data_sha256(ds), "sequences": str(len(ds)),
             "seq_len": str(ds.seq_len), "model": os.fspath(model_dir),
             "model_config_sha256": _file_sha256(os.path.join(model_dir, "config.json")),

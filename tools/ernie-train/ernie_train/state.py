@@ -14,6 +14,7 @@ import shutil
 from libernie.checkpoint import atomic_dir
 from libernie.errors import CheckpointError
 from libernie.lora import write_adapter
+from libernie.tokenizer import ErnieTokenizer, resolve_tokenizer_file
 
 from ernie_train import optim
 
@@ -37,15 +38,27 @@ def save(out_dir: str, step: int, model, opt, params: dict, state: dict, cfg, to
         else:
             model.save_pretrained(tmp, layout=cfg.save_layout)
         if tokenizer_dir:
-            for f in TOKENIZER_FILES:
-                src = os.path.join(tokenizer_dir, f)
-                if os.path.isfile(src):
-                    shutil.copy2(src, os.path.join(tmp, f))
+            copy_tokenizer(tokenizer_dir, tmp)
         optim.save_state(opt, params, os.path.join(tmp, OPTIM_FILE))
         with open(os.path.join(tmp, STATE_FILE), "w") as f:
             json.dump(state, f, indent=2)
     prune(out_dir, cfg.save_total_limit)
     return path
+
+
+def copy_tokenizer(tokenizer: str, out_dir: str) -> None:
+    """Tokenizer files into a checkpoint. `tokenizer` is a directory or a .model file of any name
+    (libernie's resolve_tokenizer_file); the model is always written as tokenizer.model, the side files
+    (tokenizer_config.json, chat template...) come from its directory, and a bare .model file gets the
+    tokenizer_config.json and special_tokens_map.json that ErnieTokenizer writes, so transformers loads it."""
+    model = resolve_tokenizer_file(tokenizer)
+    src_dir = model.parent
+    if not (src_dir / "tokenizer_config.json").is_file():
+        ErnieTokenizer.from_pretrained(model).save_pretrained(out_dir)
+    shutil.copy2(model, os.path.join(out_dir, "tokenizer.model"))
+    for f in TOKENIZER_FILES[1:]:
+        if (src_dir / f).is_file():
+            shutil.copy2(src_dir / f, os.path.join(out_dir, f))
 
 
 def complete(out_dir: str) -> list[tuple[int, str]]:

@@ -22,7 +22,8 @@ from libernie.data import PackedDataset
 from libernie.kernels import on_gpu
 from libernie.lora import LoRAConfig, apply_lora, load_adapter
 from libernie.model import ErnieForCausalLM, causal_lm_loss
-from libernie.tokenizer import ErnieTokenizer
+from libernie.paths import check_writable
+from libernie.tokenizer import ErnieTokenizer, resolve_tokenizer_file
 
 from ernie_train import dist, optim, state
 from ernie_train.config import TrainConfig, TrainConfigError
@@ -71,8 +72,11 @@ def _open_data(prefix: str, mode: str, verify: bool) -> PackedDataset:
 
 
 def _tokenizer_dir(cfg: TrainConfig) -> str | None:
+    """--tokenizer as given (a directory or any .model file: libernie's resolve_tokenizer_file, checked
+    here before any work), else the model directory when it holds tokenizer.model."""
     if cfg.tokenizer:
-        return cfg.tokenizer if os.path.isdir(cfg.tokenizer) else os.path.dirname(cfg.tokenizer)
+        resolve_tokenizer_file(cfg.tokenizer)
+        return cfg.tokenizer
     if cfg.model and os.path.isfile(os.path.join(cfg.model, "tokenizer.model")):
         return cfg.model
     return None
@@ -182,6 +186,9 @@ def evaluate(head, ds, cfg, seq_len, info) -> dict:
 def train(cfg: TrainConfig, on_log=None) -> dict:
     """Run the job described by cfg; returns the JSON summary. on_log(record) sees every metrics line."""
     cfg.validate()
+    for out in (cfg.output_dir, cfg.visualdl_logdir):  # before any input is read: a typo fails at once
+        if out:
+            check_writable(out, is_dir=True)
     if cfg.visualdl_logdir:  # fail before any work or output, not at the first log line
         try:
             import visualdl  # noqa: F401

@@ -206,6 +206,14 @@ def test_sigkill_then_resume_gives_bit_identical_losses(dpo, tmp_path):
                                for x, y in zip(records(tmp_path / "ref"), records(killed))]
 
 
+def test_divergence_guard_stops_a_dpo_run(dpo, tmp_path):
+    """Inherited from the trainer: a non-finite loss or gradient norm stops the run, nothing saved from it."""
+    _expect_error(["dpo", *dpo_args(dpo, tmp_path, **{"--learning-rate": "1e6", "--max-grad-norm": "0",
+                                                      "--max-steps": "8", "--save-steps": "1"})], "non-finite")
+    last = records(tmp_path)[-1]
+    assert not (tmp_path / f"checkpoint-{last['step']:08d}").exists()
+
+
 @pytest.mark.slow
 def test_two_processes_match_one(dpo, tmp_path):
     over = {"--ref-logps": dpo["train"] + ".ref-logps", "--lora": True, "--lora-rank": "4", "--learning-rate": "1e-2"}

@@ -45,6 +45,7 @@ bench: venv oracle
 	$(PY) scripts/bench/pack.py
 	$(PY) scripts/bench/merge.py
 	$(PY) scripts/bench/serve.py
+	$(PY) scripts/bench/dpo.py
 
 # bats-core 1.13 (bats_pipe, run --separate-stderr) with bats-assert/bats-support from npm into .bats/;
 # Debian's bats is too old. jq is used by the pipeline tests as a user would use it.

@@ -1,6 +1,6 @@
-"""DPO: the pure preference losses, the per-pair log-prob gather of packed prompt|chosen|rejected
-sequences, and the loss head the trainer wraps. Formulas and papers: tools/ernie-train/README.md
-("DPO losses"); option names and defaults are ERNIEKit's (erniekit DPOConfig).
+"""DPO: the pure preference losses and the per-pair log-prob gather of packed prompt|chosen|rejected
+sequences (the trainer's head is in dpo_head.py, the references in dpo_ref.py). Formulas and papers:
+tools/ernie-train/README.md ("DPO"); option names and defaults are ERNIEKit's (erniekit DPOConfig).
 
 Who predicts what in a packed pair. Tokens are `prompt p0..pP-1 | chosen c0..cC-1 | rejected r0..`;
 chosen sees the prompt, rejected sees the prompt and never chosen, and both count positions from P.

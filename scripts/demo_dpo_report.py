@@ -42,7 +42,8 @@ def main():
     ap.add_argument("--eval", default=None)
     args = ap.parse_args()
     ds = PackedDataset(args.data)
-    sft, tuned = ErnieForCausalLM.from_pretrained(args.sft), ErnieForCausalLM.from_pretrained(args.sft, adapter=args.adapter)
+    sft = ErnieForCausalLM.from_pretrained(args.sft)
+    tuned = ErnieForCausalLM.from_pretrained(args.sft, adapter=args.adapter)
     sft_c, sft_r = logps(sft, ds)
     dpo_c, dpo_r = logps(tuned, ds)
     reward_acc = float(np.mean(args.beta * (dpo_c - sft_c) > args.beta * (dpo_r - sft_r)))
@@ -53,7 +54,8 @@ def main():
     print(f"held-out preference pairs ({len(sft_c)} sums never trained on):")
     print(f"  ranks the correct answer above the wrong one   SFT {np.mean(sft_c > sft_r):.0%}   "
           f"after DPO {np.mean(dpo_c > dpo_r):.0%}")
-    print(f"  reward accuracy (beta log p/p_sft)             before 0% (policy = reference)   after DPO {reward_acc:.0%}")
+    print(f"  reward accuracy (beta log p/p_sft)             before 0% (policy = reference)   "
+          f"after DPO {reward_acc:.0%}")
     if args.eval:
         from demo_report import accuracy
         from libernie.tokenizer import ErnieTokenizer

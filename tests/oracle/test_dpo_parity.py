@@ -76,7 +76,8 @@ def test_packed_pair_logps_equal_separate_sequences_in_transformers(oracle_pytho
 
     # The test can fail: predicting the first rejected token from the last CHOSEN token (the token right
     # before it in the packed row) gives different numbers.
-    targets_flat = np.nonzero(((roles == ROLE_CHOSEN) | (roles == ROLE_REJECTED)).reshape(-1) & (mask.reshape(-1) > 0))[0]
+    response = (roles == ROLE_CHOSEN) | (roles == ROLE_REJECTED)
+    targets_flat = np.nonzero(response.reshape(-1) & (mask.reshape(-1) > 0))[0]
     naive = targets_flat - 1
     assert (naive != idx.src).sum() == len(pairs)  # exactly the first rejected token of every pair moves
     t[4] = paddle.to_tensor(naive.astype(np.int64))

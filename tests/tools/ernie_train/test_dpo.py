@@ -88,7 +88,8 @@ def test_dpo_ref_resumes_from_its_partial_file(dpo, tmp_path):
             raise Stop
     out = str(tmp_path / "ref")
     with pytest.raises(Stop):
-        compute_ref_logps(dpo["train"], dpo["base"], out, batch_size=10, save_every=0, on_progress=stop_in_the_third_batch)
+        compute_ref_logps(dpo["train"], dpo["base"], out, batch_size=10, save_every=0,
+                          on_progress=stop_in_the_third_batch)
     assert not os.path.exists(out + ".safetensors") and os.path.exists(out + ".safetensors.partial")
     import shutil
     shutil.copy(out + ".safetensors.partial", tmp_path / "renamed.safetensors")

@@ -1,8 +1,8 @@
 """Writes assets/dpo/arithmetic-pref.jsonl (train) and arithmetic-pref-eval.jsonl: preference pairs in
 ERNIEKit's DPO format, `{"src": [question], "tgt": [], "response": [[a], [b]], "sort": [x, y]}`, where
 the response with the higher sort is the correct sum and the other a typical wrong one (the operands
-written side by side, a carry slip of ten, or the difference). The held-out pairs use the sums assets/sft/ holds out of SFT. Deterministic:
-rerun to regenerate the same bytes."""
+written side by side, a carry slip of ten, or the difference). The held-out pairs use the sums that
+assets/sft/ holds out of SFT. Deterministic: rerun to regenerate the same bytes."""
 import json
 import os
 import random
@@ -38,7 +38,8 @@ def main():
                 q = rng.choice(TEMPLATES).format(a=a, b=b)
                 order = rng.random() < 0.5                 # the chosen reply is not always listed first
                 resp = [[right], [wrong]] if order else [[wrong], [right]]
-                f.write(json.dumps({"src": [q], "tgt": [], "response": resp, "sort": [1, 0] if order else [0, 1]}) + "\n")
+                sort = [1, 0] if order else [0, 1]
+                f.write(json.dumps({"src": [q], "tgt": [], "response": resp, "sort": sort}) + "\n")
 
 
 if __name__ == "__main__":

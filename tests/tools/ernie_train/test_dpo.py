@@ -172,6 +172,16 @@ def test_metrics_eval_and_summary(dpo, tmp_path):
     assert summary["eval_pairs"] == 40
 
 
+@pytest.mark.parametrize("over", [{"--lora": True}, {"--loss-type": "simpo"}], ids=["adapter-off", "reference-free"])
+def test_eval_with_a_live_or_no_reference(dpo, tmp_path, over):
+    """Without a cache the eval set uses the same reference as training (or none): no eval cache needed."""
+    r = run(["dpo", *dpo_args(dpo, tmp_path, **{"--eval-data": dpo["eval"], "--max-steps": "2", **over}), "-q"])
+    assert r.exit_code == 0, r.output
+    summary = json.loads(r.stdout)
+    assert summary["eval_pairs"] == 40 and np.isfinite(summary["eval_loss"])
+    assert 0.0 <= summary["eval_rewards/accuracies"] <= 1.0
+
+
 @pytest.mark.parametrize("loss_type", ["ipo", "hinge", "simpo", "orpo", "dpop"])
 def test_every_loss_type_trains(dpo, tmp_path, loss_type):
     over = {"--loss-type": loss_type, "--max-steps": "2", "--sft-loss-ratio": "0" if loss_type == "hinge" else "0.5"}

@@ -11,7 +11,7 @@ export OMP_NUM_THREADS ?= $(shell nproc 2>/dev/null || echo 1)
 .PHONY: help venv oracle test test-fast demo bench clean bats bats-deps
 
 help:
-	@echo "make demo   - create .venv, then tokenizer -> pack -> pretrain -> LoRA SFT -> merge -> serve -> quantize on shipped assets"
+	@echo "make demo   - create .venv, then tokenizer -> pack -> pretrain -> LoRA SFT -> DPO -> merge -> serve -> quantize on shipped assets"
 	@echo "make test   - create .venv and .venv-oracle, install pinned deps, run the test suite"
 	@echo "make bench  - run scripts/bench/* and print ratios against peers (installs .venv-pf for PaddleFormers)"
 
@@ -47,6 +47,7 @@ bench: venv oracle
 	$(PY) scripts/bench/serve.py
 	$(PY) scripts/bench/moe.py
 	$(PY) scripts/bench/quant.py
+	$(PY) scripts/bench/dpo.py
 
 # bats-core 1.13 (bats_pipe, run --separate-stderr) with bats-assert/bats-support from npm into .bats/;
 # Debian's bats is too old. jq is used by the pipeline tests as a user would use it.

@@ -47,6 +47,21 @@ setup() {
   assert [ ! -e run ]
 }
 
+@test "dpo refuses a reference cache made for other shards, in one line" {
+  printf '{"question": "Is %d even?", "chosen": "yes", "rejected": "no"}\n' 2 4 6 8 > a.jsonl
+  printf '{"question": "Is %d odd?", "chosen": "yes", "rejected": "no"}\n' 1 3 5 7 > b.jsonl
+  ernie-pack dpo --tokenizer "$TOKENIZER" --seq-len 64 -o data/a -q a.jsonl >/dev/null
+  ernie-pack dpo --tokenizer "$TOKENIZER" --seq-len 64 -o data/b -q b.jsonl >/dev/null
+  base=$(ernie-train pretrain --data data/pt --init-config ernie-tiny --tokenizer "$TOKENIZER" -o pt --max-steps 1 -q | jq -r .checkpoint)
+  run --separate-stderr ernie-train dpo-ref --data data/b --model "$base" -q
+  assert_success
+  run --separate-stderr ernie-train dpo --data data/a --model "$base" --ref-logps data/b.ref-logps -o run -q
+  assert_failure 1
+  assert_equal "$(printf '%s\n' "$stderr" | wc -l)" 1
+  assert_regex "$stderr" "^Error: data/b.ref-logps.safetensors: made for data sha256 .*rerun \`ernie-train dpo-ref\` on these shards$"
+  assert [ ! -e run ]
+}
+
 @test "--tokenizer takes any .model file, as ernie-pack does" {
   cp "$TOKENIZER/tokenizer.model" tok.model
   run --separate-stderr bats_pipe ernie-train pretrain --data data/pt --init-config ernie-tiny --tokenizer tok.model \

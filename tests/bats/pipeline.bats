@@ -99,3 +99,44 @@ EOF
   assert_success
   assert [ "$output" -ge 1 ]
 }
+
+@test "ernie-pack dpo | ernie-train dpo-ref | ernie-train dpo --lora | ernie-merge gives base + DPO adapter" {
+  for a in 1 2 3 4 5 6 7 8; do for b in 1 2 3; do
+    printf '{"question": "What is %d + %d?", "chosen": "%d", "rejected": "%d"}\n' "$a" "$b" "$((a + b))" "$((a + b + 1))"
+  done; done > pairs.jsonl
+  run --separate-stderr bats_pipe cat pairs.jsonl \| ernie-pack dpo --tokenizer "$TOKENIZER" --seq-len 64 -o data/dpo -q - \| jq -r .mode
+  assert_success
+  assert_output "dpo"
+  run --separate-stderr bats_pipe cat docs.jsonl \| ernie-pack pretrain --tokenizer "$TOKENIZER" --seq-len 64 -o data/pt -q -
+  assert_success
+  run --separate-stderr bats_pipe ernie-train pretrain --data data/pt --init-config ernie-tiny --tokenizer "$TOKENIZER" \
+    -o runs/pt --max-steps 2 -q \| jq -r .checkpoint
+  assert_success
+  base="$output"
+  run --separate-stderr bats_pipe ernie-train dpo-ref --data data/dpo --model "$base" -q \| jq -r '"\(.pairs) \(.output)"'
+  assert_success
+  assert_output "24 data/dpo.ref-logps.safetensors"
+  run --separate-stderr bats_pipe ernie-train dpo --data data/dpo --model "$base" --lora --lora-rank 4 \
+    --ref-logps data/dpo.ref-logps -o runs/dpo --max-steps 3 --logging-steps 1 --learning-rate 1e-2 -q \| jq -r .checkpoint
+  assert_success
+  adapter="$output"
+  assert [ -f "$adapter/adapter_model.safetensors" ]
+  run jq -s 'map(has("rewards/accuracies") and has("rewards/margins") and has("logps/chosen")) | all' runs/dpo/metrics.jsonl
+  assert_output "true"
+  run --separate-stderr bats_pipe ernie-merge --base "$base" --adapter "$adapter" -o merged -q \| jq -r .tensors_merged
+  assert_success
+  assert [ "$output" -gt 0 ]
+  run --separate-stderr python - "$base" "$adapter" merged <<'EOF2'
+import sys
+import libernie  # noqa: F401
+import numpy as np
+import paddle
+from libernie.model import ErnieForCausalLM
+ids = paddle.to_tensor([[1, 50, 60, 70, 80, 90]])
+with paddle.no_grad():
+    a = ErnieForCausalLM.from_pretrained(sys.argv[1], adapter=sys.argv[2])(ids).logits.numpy()
+    b = ErnieForCausalLM.from_pretrained(sys.argv[3])(ids).logits.numpy()
+print(float(np.abs(a - b).max()) < 1e-5)
+EOF2
+  assert_output "True"
+}

@@ -20,7 +20,7 @@ class TrainConfigError(ErnieError):
 
 @dataclass
 class TrainConfig:
-    mode: str = "pretrain"                 # pretrain | sft (the subcommand)
+    mode: str = "pretrain"                 # pretrain | sft | dpo (the subcommand)
     data: str = ""                         # ernie-pack prefix (PREFIX.json)
     eval_data: str | None = None           # held-out ernie-pack prefix
     model: str | None = None               # start from this checkpoint directory...
@@ -61,10 +61,24 @@ class TrainConfig:
     peak_tflops: float | None = None       # for the MFU estimate; None: not reported
     resume: bool = False
     verify_data: bool = True               # sha256 of every shard against the manifest before training
+    # ---- dpo only (ERNIEKit's DPOConfig names and defaults; formulas in tools/ernie-train/README.md) ----
+    loss_type: str = "sigmoid"             # sigmoid | ipo | hinge | simpo | orpo | dpop
+    beta: float = 0.1                      # inverse temperature of the implicit reward (orpo: lambda)
+    label_smoothing: float = 0.0           # cDPO: probability a preference label is flipped (sigmoid, simpo)
+    simpo_gamma: float = 0.5               # SimPO target margin
+    dpop_lambda: float = 50.0              # DPO-Positive penalty weight
+    sft_loss_ratio: float = 0.0            # + ratio x per-token NLL of the chosen response
+    pref_loss_ratio: float = 1.0           # x the preference loss
+    normalize_logps: bool = True           # rescale each response's log-prob sum to the pair's mean length
+    offset_alpha: float = 0.0              # ERNIEKit's score offset; needs score deltas the shards do not keep
+    reference_free: bool = False           # no reference (only with the reference-free simpo, orpo)
+    ref_logps: str | None = None           # cached reference log-probs from `ernie-train dpo-ref`
+    ref_model: str | None = None           # a frozen reference model directory (default: the starting model)
+    eval_ref_logps: str | None = None      # cached reference log-probs of --eval-data (default: beside it)
 
     def validate(self) -> None:
-        if self.mode not in ("pretrain", "sft"):
-            raise TrainConfigError(f"mode must be pretrain or sft, got {self.mode!r}")
+        if self.mode not in ("pretrain", "sft", "dpo"):
+            raise TrainConfigError(f"mode must be pretrain, sft or dpo, got {self.mode!r}")
         if not self.data:
             raise TrainConfigError("--data PREFIX is required (an ernie-pack output)")
         if not self.output_dir:
@@ -93,12 +107,48 @@ class TrainConfig:
             raise TrainConfigError(f"--save-layout must be hf or paddle, got {self.save_layout!r}")
         if self.min_lr > self.learning_rate:
             raise TrainConfigError(f"--min-lr {self.min_lr} is above --learning-rate {self.learning_rate}")
+        if self.mode == "dpo":
+            self._validate_dpo()
+        else:
+            for name in DPO_FIELDS:
+                if getattr(self, name) != FIELDS[name].default:
+                    raise TrainConfigError(f"{name} is an option of `ernie-train dpo`, not {self.mode}")
+
+    def _validate_dpo(self) -> None:
+        from ernie_train.dpo import LOSS_TYPES, REFERENCE_FREE
+        if self.model is None:
+            raise TrainConfigError("ernie-train dpo needs --model DIR: preference tuning starts from a model "
+                                   "(usually the SFT checkpoint)")
+        if self.loss_type not in LOSS_TYPES:
+            raise TrainConfigError(f"--loss-type {self.loss_type!r} is unknown; choose one of {', '.join(LOSS_TYPES)}")
+        refs = [f for f in ("ref_logps", "ref_model", "reference_free") if getattr(self, f)]
+        if len(refs) > 1:
+            raise TrainConfigError("pass at most one of --ref-logps, --ref-model, --reference-free")
+        free = self.loss_type in REFERENCE_FREE
+        if self.reference_free and not free:
+            raise TrainConfigError(f"--reference-free: loss type {self.loss_type} needs a reference; use "
+                                   f"{' or '.join(REFERENCE_FREE)}, or drop --reference-free")
+        if free and (self.ref_logps or self.ref_model):
+            raise TrainConfigError(f"loss type {self.loss_type} is reference-free; drop --ref-logps/--ref-model")
+        if self.beta <= 0:
+            raise TrainConfigError(f"--beta must be > 0, got {self.beta}")
+        if not 0 <= self.label_smoothing < 0.5:
+            raise TrainConfigError(f"--label-smoothing must be in [0, 0.5), got {self.label_smoothing}")
+        if self.label_smoothing and self.loss_type not in ("sigmoid", "simpo"):
+            raise TrainConfigError(f"--label-smoothing applies to sigmoid and simpo, not {self.loss_type}")
+        for name in ("sft_loss_ratio", "pref_loss_ratio", "dpop_lambda", "simpo_gamma", "offset_alpha"):
+            if getattr(self, name) < 0:
+                raise TrainConfigError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        if self.offset_alpha > 0:
+            raise TrainConfigError("--offset-alpha needs per-pair score deltas (ERNIEKit's 'sort' values), which "
+                                   "ernie-pack dpo does not store yet; leave it at 0")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+DPO_FIELDS = tuple(FIELDS)[tuple(FIELDS).index("loss_type"):]
 
 
 def load_yaml(path: str) -> dict:
@@ -133,7 +183,8 @@ def resolve(mode: str, file_values: dict, explicit: dict) -> TrainConfig:
         raise TrainConfigError(str(e)) from None
     for name in FIELDS:
         setattr(cfg, name, _coerce(name, getattr(cfg, name)))
-    for name in ("data", "eval_data", "model", "output_dir", "tokenizer", "visualdl_logdir"):
+    for name in ("data", "eval_data", "model", "output_dir", "tokenizer", "visualdl_logdir", "ref_logps", "ref_model",
+                 "eval_ref_logps"):
         v = getattr(cfg, name)
         if v:
             setattr(cfg, name, os.path.expanduser(str(v)))

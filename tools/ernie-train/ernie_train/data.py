@@ -8,7 +8,7 @@ resumed run sees exactly the samples it would have seen, and each rank reads onl
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -21,7 +21,10 @@ class Batch:
     doc_ids: np.ndarray        # int32 [b, s]  (-1 on padding)
     position_ids: np.ndarray   # int64 [b, s]  restart at each document
     loss_mask: np.ndarray      # int32 [b, s]  1 where the token is a target
-    targets: int               # tokens that count in the loss (next-token, same document, loss_mask 1)
+    targets: int               # tokens that count in the loss (next-token, same document, loss_mask 1); dpo: pairs
+    roles: np.ndarray | None = None        # uint8 [b, s] segment roles (dpo: prompt / chosen / rejected)
+    indices: list = field(default_factory=list)   # dataset index of each row
+    pairs: object = None                   # dpo: ernie_train.dpo.PairIndex
 
 
 def count_targets(loss_mask: np.ndarray, doc_ids: np.ndarray) -> int:
@@ -53,15 +56,16 @@ def collate(ds: PackedDataset, indices: list[int], seq_len: int) -> Batch:
     doc_ids = np.stack([s.doc_ids[:seq_len] for s in samples]).astype(np.int32)
     position_ids = np.stack([s.position_ids[:seq_len] for s in samples]).astype(np.int64)
     loss_mask = np.stack([s.loss_mask[:seq_len] for s in samples]).astype(np.int32)
-    return Batch(input_ids, doc_ids, position_ids, loss_mask, count_targets(loss_mask, doc_ids))
+    roles = np.stack([s.roles[:seq_len] for s in samples])
+    return Batch(input_ids, doc_ids, position_ids, loss_mask, count_targets(loss_mask, doc_ids), roles, list(indices))
 
 
 class StepBatches:
     """The micro-batches one rank processes at optimizer step `step`."""
 
     def __init__(self, ds: PackedDataset, seq_len: int, micro_batch: int, accum: int, rank: int, world: int,
-                 seed: int):
-        self.ds, self.seq_len = ds, seq_len
+                 seed: int, collate_fn=None):
+        self.ds, self.seq_len, self.collate = ds, seq_len, collate_fn or collate
         self.micro, self.accum, self.rank, self.world = micro_batch, accum, rank, world
         self.global_batch = micro_batch * accum * world
         self.sampler = Sampler(len(ds), seed)
@@ -71,14 +75,14 @@ class StepBatches:
         out = []
         for a in range(self.accum):  # micro-batch a of every rank, then a+1: rank slices interleave
             start = base + (a * self.world + self.rank) * self.micro
-            out.append(collate(self.ds, [self.sampler.index(p) for p in range(start, start + self.micro)],
-                               self.seq_len))
+            out.append(self.collate(self.ds, [self.sampler.index(p) for p in range(start, start + self.micro)],
+                                    self.seq_len))
         return out
 
 
-def eval_batches(ds: PackedDataset, seq_len: int, batch: int, iters: int, rank: int, world: int):
+def eval_batches(ds: PackedDataset, seq_len: int, batch: int, iters: int, rank: int, world: int, collate_fn=None):
     """The first iters*batch*world sequences of the eval set, in order, this rank's share."""
     n = min(len(ds), iters * batch * world)
     mine = list(range(rank, n, world))
     for i in range(0, len(mine), batch):
-        yield collate(ds, mine[i:i + batch], seq_len)
+        yield (collate_fn or collate)(ds, mine[i:i + batch], seq_len)

@@ -27,17 +27,25 @@ from libernie.tokenizer import ErnieTokenizer, resolve_tokenizer_file
 
 from ernie_train import dist, optim, state
 from ernie_train.config import TrainConfig, TrainConfigError
-from ernie_train.data import StepBatches, eval_batches
+from ernie_train.data import StepBatches, collate, eval_batches
 from ernie_train.guard import NonFiniteGuard
 from ernie_train.metrics import MetricsLog, peak_memory_mb, train_flops_per_token
 
 
 class LossHead(nn.Layer):
-    """Wraps the unchanged model so DataParallel sees a Layer that returns tensors: (loss sum, targets)."""
+    """Wraps the unchanged model so DataParallel sees a Layer that returns tensors: (loss sum, targets).
+    `ernie-train dpo` uses ernie_train.dpo_head.DPOHead instead, with the same interface."""
 
     def __init__(self, model):
         super().__init__()
         self.model = model
+
+    @staticmethod
+    def collate(ds, indices, seq_len):
+        return collate(ds, indices, seq_len)
+
+    def inputs(self, b, split: str = "train") -> tuple:
+        return _t(b.input_ids), _t(b.position_ids), _t(b.doc_ids), _t(b.loss_mask)
 
     def forward(self, input_ids, position_ids, doc_ids, loss_mask):
         logits = self.model(input_ids, position_ids=position_ids, doc_ids=doc_ids).logits
@@ -48,7 +56,7 @@ def enable_recompute(model) -> None:
     """Recompute each decoder layer's activations in backward instead of storing them."""
     from paddle.distributed.fleet.utils import recompute
     for layer in model.ernie.layers:
-        layer.forward = functools.partial(recompute, layer.forward)
+        layer.forward = functools.partial(recompute, layer.forward, use_reentrant=False)
 
 
 def _open_data(prefix: str, mode: str, verify: bool) -> PackedDataset:
@@ -158,14 +166,20 @@ def _t(a):
 def evaluate(head, ds, cfg, seq_len, info) -> dict:
     head.eval()
     total = count = 0.0
+    stats = None
     with paddle.no_grad():
         for b in eval_batches(ds, seq_len, cfg.per_device_eval_batch_size, cfg.eval_iters, info.rank,
-                              info.world_size):
-            s, n = head(_t(b.input_ids), _t(b.position_ids), _t(b.doc_ids), _t(b.loss_mask))
-            total, count = total + float(s), count + float(n)
+                              info.world_size, collate_fn=head.collate):
+            out = head(*head.inputs(b, "eval"))
+            total, count = total + float(out[0]), count + float(out[1])
+            if len(out) > 2:  # dpo: per-pair statistics
+                stats = out[2].numpy() + (0 if stats is None else stats)
     head.train()
     total, count = dist.all_reduce_sum([total, count], info)
     loss = total / max(count, 1.0)
+    if stats is not None:
+        stats = dist.all_reduce_sum([float(x) for x in stats], info)
+        return {"eval_loss": loss, **head.metrics(stats, count, "eval_"), "eval_pairs": int(count)}
     return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0)), "eval_tokens": int(count)}
 
 
@@ -185,6 +199,9 @@ def train(cfg: TrainConfig, on_log=None) -> dict:
     ds = _open_data(cfg.data, cfg.mode, cfg.verify_data)
     eval_ds = _open_data(cfg.eval_data, cfg.mode, cfg.verify_data) if cfg.eval_data else None
     seq_len = cfg.max_seq_len or ds.seq_len
+    if cfg.mode == "dpo" and seq_len != ds.seq_len:
+        raise TrainConfigError(f"--max-seq-len {seq_len}: DPO pairs are never cut, so it must equal the shards' "
+                               f"seq_len {ds.seq_len} ({ds.path}); repack with --seq-len {seq_len}")
     if seq_len > ds.seq_len:
         raise TrainConfigError(f"--max-seq-len {seq_len} is larger than the shards' seq_len {ds.seq_len} "
                                f"({ds.path}); repack with --seq-len {seq_len} or lower --max-seq-len")
@@ -197,9 +214,14 @@ def train(cfg: TrainConfig, on_log=None) -> dict:
     _check_tokenizer(cfg, ds, tok_dir, model.config)
     if cfg.recompute:
         enable_recompute(model)
+    if cfg.mode == "dpo":
+        from ernie_train.dpo_head import DPOHead, build_reference
+        head = DPOHead(model, cfg, *build_reference(cfg, model, ds, eval_ds))
+    else:
+        head = LossHead(model)
     opt, params = optim.build(model, cfg)
     batches = StepBatches(ds, seq_len, cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps,
-                          info.rank, info.world_size, cfg.seed)
+                          info.rank, info.world_size, cfg.seed, collate_fn=head.collate)
     start_step, tokens_seen = 0, 0
     guard = NonFiniteGuard(cfg.skip_nan_inf_steps)
     if resume_dir is not None:
@@ -211,7 +233,7 @@ def train(cfg: TrainConfig, on_log=None) -> dict:
         start_step, tokens_seen = st["step"], st["tokens_seen"]
         guard.skipped = st.get("skipped_steps", 0)
     model, opt, autocast = _precision(model, opt)
-    head = LossHead(model)
+    head.model = model
     runner = paddle.DataParallel(head) if info.world_size > 1 else head
     if info.is_main:
         os.makedirs(cfg.output_dir, exist_ok=True)
@@ -219,7 +241,7 @@ def train(cfg: TrainConfig, on_log=None) -> dict:
             json.dump(cfg.to_dict(), f, indent=2)
     log = MetricsLog(cfg.output_dir, start_step, cfg.visualdl_logdir) if info.is_main else None
     flops_tok = train_flops_per_token(model.config, seq_len)
-    final_loss = None
+    final_loss, dpo_metrics = None, {}
     ckpt_path, stopped, eval_metrics = resume_dir, None, {}
     t_log, tok_log, done = time.perf_counter(), 0, start_step
 
@@ -249,14 +271,16 @@ def train(cfg: TrainConfig, on_log=None) -> dict:
             local_tokens = sum(int((b.doc_ids >= 0).sum()) for b in micro)
             n_global, tok_global = dist.all_reduce_sum([local_targets, local_tokens], info)
             scale = info.world_size / max(n_global, 1.0)
-            loss_sum = 0.0
+            loss_sum, stats = 0.0, None
             for k, b in enumerate(micro):
                 sync = k == len(micro) - 1 or info.world_size == 1
                 ctx = contextlib.nullcontext() if sync else runner.no_sync()
                 with ctx, autocast():
-                    s, _ = runner(_t(b.input_ids), _t(b.position_ids), _t(b.doc_ids), _t(b.loss_mask))
-                    (s * scale).backward()
-                loss_sum += float(s)
+                    out = runner(*head.inputs(b))
+                    (out[0] * scale).backward()
+                loss_sum += float(out[0])
+                if len(out) > 2:  # dpo: per-pair statistics (rewards, accuracies, log-probs)
+                    stats = out[2].numpy() + (0 if stats is None else stats)
             grad_norm = optim.clip_grad_norm(params, cfg.max_grad_norm)
             loss_sum, bad_grads = dist.all_reduce_sum([loss_sum, guard.local_flag(grad_norm)], info)
             loss = loss_sum / max(n_global, 1.0)
@@ -264,6 +288,8 @@ def train(cfg: TrainConfig, on_log=None) -> dict:
             if verdict == "ok":
                 opt.step()
             opt.clear_grad()
+            if stats is not None:  # every rank of a dpo run has them: one more all-reduce, same on all
+                dpo_metrics = head.metrics(dist.all_reduce_sum([float(x) for x in stats], info), n_global)
             tokens_seen += int(tok_global)
             tok_log += int(tok_global)
             final_loss = loss
@@ -275,7 +301,7 @@ def train(cfg: TrainConfig, on_log=None) -> dict:
                 dt = max(time.perf_counter() - t_log, 1e-9)
                 rec = {"step": done, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tok_log / dt,
                        "tokens_seen": tokens_seen, "epoch": batches.sampler.epoch(done * batches.global_batch),
-                       "memory_mb": peak_memory_mb(), "skipped_steps": guard.skipped}
+                       "memory_mb": peak_memory_mb(), "skipped_steps": guard.skipped, **dpo_metrics}
                 if cfg.peak_tflops:
                     rec["mfu"] = flops_tok * tok_log / dt / (cfg.peak_tflops * 1e12 * info.world_size)
                 if eval_ds is not None and cfg.eval_steps and done % cfg.eval_steps == 0:
@@ -300,7 +326,7 @@ def train(cfg: TrainConfig, on_log=None) -> dict:
         log.close()
     seconds = time.perf_counter() - t_start
     return {"mode": cfg.mode, "steps": done, "start_step": start_step,
-            "final_loss": final_loss, **eval_metrics, "tokens_seen": tokens_seen, "skipped_steps": guard.skipped,
-            "seconds": round(seconds, 3),
+            "final_loss": final_loss, **dpo_metrics, **eval_metrics, "tokens_seen": tokens_seen,
+            "skipped_steps": guard.skipped, "seconds": round(seconds, 3),
             "checkpoint": ckpt_path, "output_dir": cfg.output_dir, "stopped": stopped,
             "world_size": info.world_size, "lora": cfg.lora, "config": cfg.to_dict()}

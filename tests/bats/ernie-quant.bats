@@ -53,6 +53,13 @@ setup() {
   assert [ ! -e f8 ]
 }
 
+@test "an output path that cannot be created fails before the model is read" {
+  run --separate-stderr ernie-quant wint8 --model does-not-exist -o /proc/nope/x
+  assert_failure 1
+  assert_stderr --regexp '^Error: /proc/nope/x: '
+  assert_equal "$(printf '%s\n' "$stderr" | wc -l)" 1
+}
+
 @test "ernie-serve runs the quantized model over the OpenAI API" {
   ernie-quant wint4 -q --group-size 16 --model "$FIXTURES/base" -o w4 >summary.json
   port="$(python -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"

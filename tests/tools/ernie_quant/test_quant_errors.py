@@ -110,3 +110,11 @@ def test_skip_pattern_that_matches_nothing(assets, tmp_path):
     out = str(tmp_path / "o")
     check_error(invoke(["wint8", "--skip", "model.layers.0.*", "--model", str(assets / "base"), "-o", out]), out,
                 "--skip 'model.layers.0.*' matches no quantizable Linear", "ernie.layers.0.self_attn.qkv_proj")
+
+
+def test_unwritable_output_fails_before_the_model_is_read(tmp_path):
+    """The model path does not even exist: the output check must come first (issue 12's rule for every tool)."""
+    res = invoke(["wint8", "--model", str(tmp_path / "no-such-model"), "-o", "/proc/nope/x"])
+    assert res.exit_code == 1, res.output
+    assert "/proc/nope/x" in res.stderr and "no-such-model" not in res.stderr
+    assert res.stderr.strip().count("\n") == 0 and res.stdout == ""

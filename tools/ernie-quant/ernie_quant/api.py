@@ -17,6 +17,7 @@ from typing import Callable
 from libernie.checkpoint import FORMAT_TAG
 from libernie.checkpoint.names import rules
 from libernie.checkpoint.sharded import atomic_dir, parse_size
+from libernie.paths import check_writable
 from libernie.quant import BITS, DEFAULT_GROUP, FORMATS, METHODS
 from libernie.quant.formats import hf_module, module_of, quantizable, quantization_config
 
@@ -88,6 +89,7 @@ def quantize(method: str, model: str, out: str, *, calib: str | None = None, alg
         raise QuantError(f"{out}: is the input model directory; write the quantized model somewhere else")
     if os.path.exists(out) and not force:
         raise QuantError(f"{out}: already exists; choose another path or pass --force")
+    check_writable(out, is_dir=True)  # before the model or any data is read: a typo fails at once
     src = Source.open(model)
     src.check()
     if calib or eval_prefix:  # Paddle is imported only when there is data to run; RTN alone streams without it

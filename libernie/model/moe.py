@@ -13,9 +13,11 @@ The gate, in fp32 whatever the model dtype:
 Dispatch is sort-based: the T*k (token, expert) pairs are sorted by expert, each expert runs once on its
 contiguous rows (a Python loop over experts, never over tokens), and the rows are un-sorted and summed.
 
-A trainer's step with an MoE model (nothing here runs unless it is called):
+A trainer's step with an MoE model (nothing here runs unless it is called; ernie-train's ernie_train/moe.py):
+    set_token_mask(model, doc_ids >= 0)            # padding out of the router loss and the load
     loss = lm_loss + router_loss(model)            # after the forward; None for a dense model
-    loss.backward(); optimizer.step()
+    with load_count_paused(model): loss.backward() # recompute re-runs forwards in backward: count once
+    optimizer.step()
     stats = expert_load_stats(model)               # per layer: tokens per expert, min/max ratio -> metrics
     update_correction_bias(model, coef=1e-3, all_reduce=...)   # moe_use_aux_free; resets the load counters
 """

@@ -47,13 +47,18 @@ def moe_run(data, tmp_path_factory):
     return out, json.loads(r.stdout)
 
 
-def test_router_loss_of_the_first_step_is_the_library_value(data, tmp_path):
-    """Step 1's router_loss = libernie's router_loss(model) on the same SFT batch with padding masked."""
+@pytest.mark.parametrize("z", [None, 1e-3])
+def test_router_loss_of_the_first_step_is_the_library_value(data, tmp_path, z):
+    """Step 1's router_loss = libernie's router_loss(model) on the same SFT batch with padding masked
+    (aux x 1e-5, plus z x --moe-z-loss-lambda when given)."""
     out = tmp_path / "sft"
-    r = _run(data, out, "sft", **{"--data": data["sft"], "--max-steps": "1", "--save-steps": "0"})
+    extra = {"--moe-z-loss-lambda": str(z)} if z else {}
+    r = _run(data, out, "sft", **{"--data": data["sft"], "--max-steps": "1", "--save-steps": "0", **extra})
     assert r.exit_code == 0, r.output
     paddle.seed(42)  # --seed: the trainer's model init
-    model = ErnieForCausalLM(ernie_tiny_moe(vocab_size=ErnieTokenizer.from_pretrained(TOKENIZER).vocab_size))
+    cfg = ernie_tiny_moe(vocab_size=ErnieTokenizer.from_pretrained(TOKENIZER).vocab_size)
+    cfg.moe_z_loss_lambda = z or 0.0
+    model = ErnieForCausalLM(cfg)
     model.train()
     ds = PackedDataset(data["sft"])
     (b,) = StepBatches(ds, ds.seq_len, 2, 1, 0, 1, 42, collate_fn=collate)(0)
@@ -62,7 +67,10 @@ def test_router_loss_of_the_first_step_is_the_library_value(data, tmp_path):
     model(paddle.to_tensor(b.input_ids), position_ids=paddle.to_tensor(b.position_ids),
           doc_ids=paddle.to_tensor(b.doc_ids))
     want = float(router_loss(model))
-    assert want == pytest.approx(1e-5 * sum(float(blk.aux_loss) for blk in moe_blocks(model)), rel=1e-6)
+    z_sum = sum(float(blk.z_loss) for blk in moe_blocks(model)) if z else 0.0
+    assert want == pytest.approx(1e-5 * sum(float(blk.aux_loss) for blk in moe_blocks(model)) + (z or 0) * z_sum,
+                                 rel=1e-6)
+    assert z is None or z * z_sum > 1e-5  # the z term is not negligible against aux here
     set_token_mask(model, None)
     model(paddle.to_tensor(b.input_ids), position_ids=paddle.to_tensor(b.position_ids),
           doc_ids=paddle.to_tensor(b.doc_ids))
@@ -126,7 +134,26 @@ def test_resume_is_exact_and_carries_the_bias(data, tmp_path):
     assert all(np.array_equal(a[k], b[k]) and np.abs(a[k]).sum() > 0 for k in a)
 
 
-def test_lora_leaves_the_bias_alone(data, moe_run, tmp_path):
+@pytest.mark.parametrize("lora", [False, True])
+def test_hooks_move_the_bias_only_without_lora(lora):
+    """A LoRA checkpoint holds only the adapter, so the bias must not move under --lora (it could not be saved)."""
+    from types import SimpleNamespace
+    from ernie_train.dist import DistInfo
+    from ernie_train.moe import MoEHooks
+    paddle.seed(1)
+    model = ErnieForCausalLM(ernie_tiny_moe(vocab_size=64))
+    model.train()
+    cfg = SimpleNamespace(moe_aux_loss_lambda=None, moe_z_loss_lambda=None, moe_aux_free_coef=1e-3, lora=lora)
+    hooks = MoEHooks(model, cfg, DistInfo(rank=0, world_size=1, local_rank=0, launcher="single"))
+    hooks.before_forward(paddle.zeros([2, 16], "int32"))
+    model(paddle.randint(0, 64, [2, 16]))
+    hooks.after_step(applied=True, n_micro=1)
+    moved = [np.abs(b.moe_statics.e_score_correction_bias.numpy()).sum() > 0 for b in moe_blocks(model)]
+    assert moved == [not lora, not lora]
+    assert all(sum(st["tokens"]) == 2 * 32 for st in hooks.metrics()["moe_load"].values())
+
+
+def test_lora_sft_on_experts_logs_load_and_router_loss(data, moe_run, tmp_path):
     out, _ = moe_run
     r = CliRunner().invoke(cli, ["sft", "--data", data["sft"], "--model", str(out / "checkpoint-00000004"), "--lora",
                                  "-o", str(tmp_path / "lora"), "--max-steps", "2", "--logging-steps", "1", "-q",
@@ -177,3 +204,22 @@ def test_two_data_parallel_ranks_match_one_process(data, tmp_path):
     np.testing.assert_allclose([x["router_loss"] for x in two], [x["router_loss"] for x in one], rtol=1e-5)
     a, b = _biases(tmp_path / "two" / "checkpoint-00000004"), _biases(out / "checkpoint-00000004")
     assert all(np.array_equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_dpo_on_an_moe_counts_only_the_policy_forward(data, moe_run, tmp_path, lora):
+    """DPO's reference forward (a frozen copy, or the policy with its adapter off, under no_grad) routes
+    tokens too; only the policy's are counted: k x tokens per step."""
+    from ernie_pack.api import PackOptions, pack
+    prefs = os.path.join(ROOT, "assets", "dpo", "arithmetic-pref.jsonl")
+    pack(PackOptions(mode="dpo", tokenizer=TOKENIZER, seq_len=64, output=str(tmp_path / "dpo"), inputs=[prefs]))
+    out, _ = moe_run
+    args = ["dpo", "--data", str(tmp_path / "dpo"), "--model", str(out / "checkpoint-00000004"), "-o", str(tmp_path / "run"),
+            "--max-steps", "2", "--logging-steps", "1", "--per-device-train-batch-size", "2", "-q"]
+    r = CliRunner().invoke(cli, args + (["--lora"] if lora else []))
+    assert r.exit_code == 0, r.output
+    recs = _records(tmp_path / "run")
+    seen = [0] + [x["tokens_seen"] for x in recs]
+    for i, rec in enumerate(recs):
+        assert all(sum(st["tokens"]) == 2 * (seen[i + 1] - seen[i]) for st in rec["moe_load"].values())
+        assert rec["router_loss"] > 0

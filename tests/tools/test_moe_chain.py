@@ -14,7 +14,6 @@ import time
 import httpx
 import numpy as np
 import paddle
-import pytest
 from click.testing import CliRunner
 
 from ernie_merge.merge import merge

@@ -12,6 +12,7 @@ export OMP_NUM_THREADS ?= $(shell nproc 2>/dev/null || echo 1)
 
 help:
 	@echo "make demo   - create .venv, then tokenizer -> pack -> pretrain -> LoRA SFT -> DPO -> merge -> serve -> quantize on shipped assets"
+	@echo "make demo MOE=1 - pack -> pretrain -> LoRA SFT -> merge -> quantize -> serve on a tiny mixture-of-experts model"
 	@echo "make test   - create .venv and .venv-oracle, install pinned deps, run the test suite"
 	@echo "make bench  - run scripts/bench/* and print ratios against peers (installs .venv-pf for PaddleFormers)"
 
@@ -33,8 +34,9 @@ test: venv oracle bats-deps
 test-fast: venv
 	$(PY) -m pytest -q -m "not oracle and not slow"
 
+# MOE=1: the same chain on a tiny mixture-of-experts model (scripts/demo_moe.sh)
 demo: venv
-	bash scripts/demo.sh
+	bash scripts/$(if $(filter 1,$(MOE)),demo_moe.sh,demo.sh)
 
 # Each benchmark prints its ratio against a peer or a physical limit measured in the same run;
 # results go to docs/BENCHMARKS.md by hand, with the command and the date.
@@ -63,4 +65,4 @@ bats: venv bats-deps
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(BATS) tests/bats
 
 clean:
-	rm -rf $(VENV) $(ORACLE) .venv-pf .bats .pytest_cache demo-out out
+	rm -rf $(VENV) $(ORACLE) .venv-pf .bats .pytest_cache demo-out demo-moe-out out

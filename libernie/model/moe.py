@@ -13,14 +13,17 @@ The gate, in fp32 whatever the model dtype:
 Dispatch is sort-based: the T*k (token, expert) pairs are sorted by expert, each expert runs once on its
 contiguous rows (a Python loop over experts, never over tokens), and the rows are un-sorted and summed.
 
-A trainer's step with an MoE model (nothing here runs unless it is called):
+A trainer's step with an MoE model (nothing here runs unless it is called; ernie-train's ernie_train/moe.py):
+    set_token_mask(model, doc_ids >= 0)            # padding out of the router loss and the load
     loss = lm_loss + router_loss(model)            # after the forward; None for a dense model
-    loss.backward(); optimizer.step()
+    with load_count_paused(model): loss.backward() # recompute re-runs forwards in backward: count once
+    optimizer.step()
     stats = expert_load_stats(model)               # per layer: tokens per expert, min/max ratio -> metrics
     update_correction_bias(model, coef=1e-3, all_reduce=...)   # moe_use_aux_free; resets the load counters
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Callable
 
 import numpy as np
@@ -131,6 +134,8 @@ class MoEBlock(nn.Layer):
         self.dispatcher = LocalDispatch()
         self.load = np.zeros(cfg.moe_num_experts, dtype=np.int64)
         self.aux_loss = self.z_loss = None
+        self.token_mask = None    # [b, s] bool, set by set_token_mask: False = padding, left out of loss and load
+        self.count_load = True    # False while activation recompute re-runs this forward in backward
 
     def forward(self, x):                                                    # [b, s, h] -> [b, s, h]
         b, s, h = x.shape
@@ -153,14 +158,26 @@ class MoEBlock(nn.Layer):
         out = (rows.reshape([b * s, self.k, h]) * w.astype(rows.dtype).unsqueeze(-1)).sum(axis=1)  # [T, h]
         if self.shared_experts is not None:
             out = out + self.shared_experts(xf)
-        if self.training:
-            self._router_losses(logits, probs, counts)
+        idle = [p for j, n in enumerate(local_counts.tolist()) if not n
+                for p in self.experts[self.dispatcher.first_expert + j].parameters()]
+        if idle and self.training:
+            # an expert no token chose still gets a (zero) gradient: the optimizer and data-parallel
+            # gradient reduction then see the same parameters every step, and a resumed run matches
+            out = out + paddle.add_n([p.sum() for p in idle]).astype(out.dtype) * 0.0
+        if self.training and paddle.is_grad_enabled():  # no_grad forwards (a DPO reference) count nothing
+            self._router_losses(logits, probs, idx)
         return out.reshape([b, s, h])
 
-    def _router_losses(self, logits, probs, counts):
-        """aux and z losses of this forward (ERNIEKit's definitions), and the load accumulator."""
-        self.load += counts
-        t = float(probs.shape[0])
+    def _router_losses(self, logits, probs, idx):
+        """aux and z losses of this forward (ERNIEKit's definitions), and the load accumulator, over the
+        tokens token_mask keeps (all when it is None)."""
+        if self.token_mask is not None:
+            keep = paddle.nonzero(self.token_mask.reshape([-1])).flatten()      # [T'] real tokens
+            logits, probs, idx = (paddle.gather(a, keep) for a in (logits, probs, idx))
+        counts = np.bincount(idx.reshape([-1]).numpy(), minlength=self.num_experts)  # [E]
+        if self.count_load:
+            self.load += counts
+        t = float(max(probs.shape[0], 1))
         if self.cfg.moe_use_aux_free:  # ERNIEKit counts the balance loss on top-k of the UNBIASED p here
             counts = np.bincount(paddle.topk(probs, self.k, axis=-1)[1].reshape([-1]).numpy(),
                                  minlength=self.num_experts)
@@ -172,6 +189,27 @@ class MoEBlock(nn.Layer):
 # ---- training helpers: a trainer calls these; nothing here runs unless it does ---------------------------
 def moe_blocks(model: nn.Layer) -> list[MoEBlock]:
     return [m for m in [model, *model.sublayers()] if isinstance(m, MoEBlock)]
+
+
+def set_token_mask(model: nn.Layer, mask: paddle.Tensor | None) -> None:
+    """mask [b, s] bool (True = a real token) for the next training forwards: padding is left out of the
+    aux / z losses and the load counts (ERNIEKit masks padding in its gate too). None: every token."""
+    for blk in moe_blocks(model):
+        blk.token_mask = mask
+
+
+@contextlib.contextmanager
+def load_count_paused(model: nn.Layer):
+    """Activation recompute re-runs each block's forward during backward; wrap backward in this so the
+    tokens of a micro-batch are counted once."""
+    blocks = moe_blocks(model)
+    for blk in blocks:
+        blk.count_load = False
+    try:
+        yield
+    finally:
+        for blk in blocks:
+            blk.count_load = True
 
 
 def router_loss(model: nn.Layer) -> paddle.Tensor | None:

@@ -184,9 +184,11 @@ def _linears_in_call_order(layer, run, x, b: _Batch) -> list[nn.Linear]:
 
 
 def _rows(x: paddle.Tensor, b: _Batch) -> np.ndarray:
-    """[b, s, in] activations -> float [n_real, in]: the non-padding tokens."""
+    """[b, s, in] activations -> float [n_real, in]: the non-padding tokens. An MoE expert's input is
+    already [rows, in] (the tokens routed to it, in dispatch order): all its rows are kept, since the
+    padding mask does not follow the dispatch (pretrain calibration shards are packed without padding)."""
     rows = x.astype("float32").numpy().reshape(-1, x.shape[-1])
-    return rows if b.real is None else rows[b.real]
+    return rows if b.real is None or x.ndim == 2 else rows[b.real]
 
 
 def _collect(lin: nn.Linear, run, hidden, calib, name: str) -> HessianAccumulator:

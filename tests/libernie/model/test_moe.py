@@ -8,7 +8,8 @@ import pytest
 
 from libernie.config import ErnieConfig, ernie_tiny_moe
 from libernie.model import ErnieForCausalLM
-from libernie.model.moe import MoEBlock, expert_load_stats, moe_blocks, route, router_loss, update_correction_bias
+from libernie.model.moe import (MoEBlock, expert_load_stats, load_count_paused, moe_blocks, route, router_loss,
+                                set_token_mask, update_correction_bias)
 
 
 def _np_route(p, bias, k, norm_min):
@@ -170,14 +171,13 @@ def test_bias_updates_balance_a_skewed_router():
     blk.gate.weight.set_value(wg)
     x = paddle.randn([4, 32, 16]) * 0.5 + 1.0  # every token leans toward expert 0
     blk.train()
-    with paddle.no_grad():
+    blk(x)
+    first = expert_load_stats(blk, reset=True)["layer.0"]
+    for _ in range(200):
         blk(x)
-        first = expert_load_stats(blk, reset=True)["layer.0"]
-        for _ in range(200):
-            blk(x)
-            update_correction_bias(blk, coef=2e-3)
-        for _ in range(5):  # measure over a few forwards without updates
-            blk(x)
+        update_correction_bias(blk, coef=2e-3)
+    for _ in range(5):  # measure over a few forwards without updates
+        blk(x)
     last = expert_load_stats(blk)["layer.0"]
     assert first["tokens"][0] > 100 and first["min_max_ratio"] < 0.1  # skewed to start with
     assert last["min_max_ratio"] > 0.5 and sum(last["tokens"]) == 5 * 128
@@ -187,9 +187,8 @@ def test_load_stats_per_layer():
     paddle.seed(6)
     model = ErnieForCausalLM(ernie_tiny_moe(vocab_size=40))
     model.train()
-    with paddle.no_grad():
-        model(paddle.randint(0, 40, [2, 10]))
-        model(paddle.randint(0, 40, [1, 10]))
+    model(paddle.randint(0, 40, [2, 10]))
+    model(paddle.randint(0, 40, [1, 10]))
     stats = expert_load_stats(model, reset=True)
     assert list(stats) == ["layer.1", "layer.2"]
     for s in stats.values():
@@ -222,3 +221,37 @@ def test_cached_greedy_decoding_equals_full_recompute():
             seq.append(int(model(paddle.to_tensor([seq])).logits[0, -1].argmax()))
     assert got == seq[len(prompt):] and len(set(got)) > 2
 
+
+
+def test_padding_is_left_out_of_the_aux_loss_and_the_load():
+    """With a token mask, aux loss and load equal those of a forward over the real tokens alone."""
+    paddle.seed(9)
+    blk = MoEBlock(_cfg(moe_num_experts=4, moe_k=2, moe_num_shared_experts=0), 0)
+    blk.train()
+    x = paddle.randn([1, 12, 16])
+    blk(x[:, :7])
+    want_aux, want_load = float(blk.aux_loss), blk.load.copy()
+    blk.load[:] = 0
+    mask = paddle.to_tensor([[True] * 7 + [False] * 5])
+    set_token_mask(blk, mask)
+    blk(x)
+    assert float(blk.aux_loss) == pytest.approx(want_aux, rel=1e-6)
+    assert blk.load.tolist() == want_load.tolist() and blk.load.sum() == 7 * 2
+    set_token_mask(blk, None)
+    blk(x)
+    assert blk.load.sum() == 7 * 2 + 12 * 2
+
+
+def test_no_grad_forwards_and_paused_counting_leave_the_load_alone():
+    """A no_grad forward (a DPO reference) and a recompute re-run inside load_count_paused count nothing."""
+    blk = MoEBlock(_cfg(moe_num_experts=4, moe_k=1, moe_num_shared_experts=0), 0)
+    blk.train()
+    x = paddle.randn([2, 5, 16])
+    with paddle.no_grad():
+        blk(x)
+    assert blk.load.sum() == 0 and blk.aux_loss is None
+    with load_count_paused(blk):
+        blk(x)
+    assert blk.load.sum() == 0 and blk.aux_loss is not None and blk.count_load
+    blk(x)
+    assert blk.load.sum() == 10

@@ -29,6 +29,10 @@ _HELP = {
     "output_dir": "Where checkpoints, metrics.jsonl and train_config.json go.",
     "lora": "Train a LoRA adapter instead of the full model.",
     "recompute": "Recompute activations per decoder layer in backward (less memory, ~30% more compute).",
+    "moe_aux_loss_lambda": "MoE: weight of the load-balancing loss (default: the model config's, 1e-5).",
+    "moe_z_loss_lambda": "MoE: weight of the router z-loss (default: the model config's, 0 = off).",
+    "moe_aux_free_coef": "MoE with moe_use_aux_free: correction-bias step after each optimizer step "
+                         "(overloaded experts down); 0 = off; not applied with --lora.",
     "resume": "Continue from the latest complete checkpoint in OUTDIR.",
     "verify_data": "Check every shard's sha256 against its manifest before training.",
     "skip_nan_inf_steps": "Skip (no update) up to N steps whose loss or gradient norm is NaN/inf; 0 (default): "

@@ -56,6 +56,9 @@ class TrainConfig:
     lora_target_modules: str = "qkv_proj,o_proj,up_gate_proj,down_proj"
     lora_plus_scale: float = 1.0           # LoRA+: B matrices learn this many times faster
     recompute: bool = False                # activation recompute per decoder layer
+    moe_aux_loss_lambda: float | None = None  # MoE: load-balancing loss weight; None: the model config's (1e-5)
+    moe_z_loss_lambda: float | None = None    # MoE: router z-loss weight; None: the model config's (0: off)
+    moe_aux_free_coef: float = 1e-3        # MoE with moe_use_aux_free: bias step per optimizer step (0: off)
     save_layout: str = "hf"                # hf (transformers, vLLM) | paddle (FastDeploy)
     visualdl_logdir: str | None = None
     peak_tflops: float | None = None       # for the MFU estimate; None: not reported
@@ -99,6 +102,9 @@ class TrainConfig:
         for name in ("skip_nan_inf_steps", "learning_rate", "save_steps", "eval_steps", "warmup_steps",
                      "weight_decay", "min_lr", "max_grad_norm"):
             if getattr(self, name) < 0:
+                raise TrainConfigError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        for name in ("moe_aux_loss_lambda", "moe_z_loss_lambda", "moe_aux_free_coef"):
+            if getattr(self, name) is not None and getattr(self, name) < 0:
                 raise TrainConfigError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
         if self.lr_scheduler_type not in ("cosine", "linear", "constant"):
             raise TrainConfigError(f"--lr-scheduler-type must be cosine, linear or constant, "

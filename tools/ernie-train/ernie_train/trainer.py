@@ -29,6 +29,7 @@ from ernie_train import dist, optim, state
 from ernie_train.config import TrainConfig, TrainConfigError
 from ernie_train.data import StepBatches, collate, eval_batches
 from ernie_train.guard import NonFiniteGuard
+from ernie_train.moe import MoEHooks
 from ernie_train.metrics import MetricsLog, peak_memory_mb, train_flops_per_token
 
 
@@ -212,6 +213,7 @@ def train(cfg: TrainConfig, on_log=None) -> dict:
     tok_dir = _tokenizer_dir(cfg)
     model, lora_cfg = _build_model(cfg, resume_dir, tok_dir)
     _check_tokenizer(cfg, ds, tok_dir, model.config)
+    moe = MoEHooks(model, cfg, info)
     if cfg.recompute:
         enable_recompute(model)
     if cfg.mode == "dpo":
@@ -276,8 +278,11 @@ def train(cfg: TrainConfig, on_log=None) -> dict:
                 sync = k == len(micro) - 1 or info.world_size == 1
                 ctx = contextlib.nullcontext() if sync else runner.no_sync()
                 with ctx, autocast():
-                    out = runner(*head.inputs(b))
-                    (out[0] * scale).backward()
+                    inputs = head.inputs(b)
+                    moe.before_forward(inputs[2])          # doc_ids: both heads pass them third
+                    out = runner(*inputs)
+                    with moe.backward_context():
+                        moe.loss(out[0] * scale, len(micro)).backward()
                 loss_sum += float(out[0])
                 if len(out) > 2:  # dpo: per-pair statistics (rewards, accuracies, log-probs)
                     stats = out[2].numpy() + (0 if stats is None else stats)
@@ -288,6 +293,7 @@ def train(cfg: TrainConfig, on_log=None) -> dict:
             if verdict == "ok":
                 opt.step()
             opt.clear_grad()
+            moe.after_step(verdict == "ok", len(micro))
             if stats is not None:  # every rank of a dpo run has them: one more all-reduce, same on all
                 dpo_metrics = head.metrics(dist.all_reduce_sum([float(x) for x in stats], info), n_global)
             tokens_seen += int(tok_global)
@@ -301,7 +307,8 @@ def train(cfg: TrainConfig, on_log=None) -> dict:
                 dt = max(time.perf_counter() - t_log, 1e-9)
                 rec = {"step": done, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tok_log / dt,
                        "tokens_seen": tokens_seen, "epoch": batches.sampler.epoch(done * batches.global_batch),
-                       "memory_mb": peak_memory_mb(), "skipped_steps": guard.skipped, **dpo_metrics}
+                       "memory_mb": peak_memory_mb(), "skipped_steps": guard.skipped, **dpo_metrics,
+                       **moe.metrics()}
                 if cfg.peak_tflops:
                     rec["mfu"] = flops_tok * tok_log / dt / (cfg.peak_tflops * 1e12 * info.world_size)
                 if eval_ds is not None and cfg.eval_steps and done % cfg.eval_steps == 0:

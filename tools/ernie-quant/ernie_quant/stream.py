@@ -149,7 +149,7 @@ def plan(src: Source, job: Job) -> list[Entry]:
     return entries
 
 
-_BLOCK_ELEMS = 1 << 16  # rows per block so that one block (float64 inside rtn_quantize) stays in L2
+_BLOCK_ELEMS = 1 << 16  # rows per block so that one block and its float32 temporaries stay in L2
 
 
 def _threads() -> int:
@@ -191,7 +191,7 @@ def quantize_rule(n_out: int, n_in: int, rows, job: Job, rule: Rule) -> tuple[Qu
     For the Paddle layout the result is built transposed block by block (QuantResult.qt): no whole-tensor
     transpose ever happens.
     """
-    from libernie.quant.gptq import dequantize, rtn_quantize
+    from libernie.quant.gptq import dequantize, rtn_float32
     rows = _finite(rows)
     step = max(16, _BLOCK_ELEMS // n_in)
     blocks = [(i, min(i + step, n_out)) for i in range(0, n_out, step)]
@@ -230,11 +230,16 @@ def quantize_rule(n_out: int, n_in: int, rows, job: Job, rule: Rule) -> tuple[Qu
             blk = rows(r0, r1)
             if given is not None:
                 qb, sb = np.asarray(given[0][r0:r1], np.int8), np.asarray(given[1][r0:r1], np.float32)
-            else:
-                qb, sb = rtn_quantize(blk, bits, gs)
+                d = dequantize(qb, sb, g)
+            else:                       # rtn_quantize's float32 path, keeping q as floats for the error
+                d, sb = rtn_float32(blk, bits, gs)
+                qb = d.astype(np.int8)
+                d = d.reshape(r1 - r0, n_in // g, g)
+                d *= sb[:, :, None]     # == dequantize(qb, sb, g): the same float32 products
+                d = d.reshape(r1 - r0, n_in)
             put(q, r0, r1, qb)
             scale[r0:r1] = sb
-            d = dequantize(qb, sb, g) - blk
+            d -= blk
             return float(np.vdot(d, d)), float(np.vdot(blk, blk))
         sums = _map(int_block, blocks)
         res = QuantResult(job.method, None if paddle_out else q, scale, None, gs, qt=q if paddle_out else None)

@@ -85,17 +85,29 @@ def rtn_float32(w: np.ndarray, bits: int, group_size: int) -> tuple[np.ndarray, 
     qmax, g, n_groups = check_args(w.shape, bits, group_size)
     out, n_in = w.shape
     wg = np.ascontiguousarray(w).reshape(out, n_groups, g)                     # [out, G, g], a view
-    amax = np.maximum(wg.max(axis=2), -wg.min(axis=2))                          # [out, G], no |w| temporary
-    scale = _scale(amax, qmax)                                                  # float32 division
-    t = wg / scale[:, :, None]                                                  # [out, G, g] float32
+    scale = group_scale(np.maximum(wg.max(axis=2), -wg.min(axis=2)), bits)      # [out, G], no |w| temporary
+    return round_to_grid(wg, scale[:, :, None], bits).reshape(out, n_in), scale
+
+
+def group_scale(amax: np.ndarray, bits: int) -> np.ndarray:
+    """float32 amax [...] -> float32 scale [...] of the convention (a float32 division: see rtn_quantize)."""
+    return _scale(np.asarray(amax, np.float32), QMAX[bits])
+
+
+def round_to_grid(w: np.ndarray, scale: np.ndarray, bits: int) -> np.ndarray:
+    """float32 w, float32 scale broadcastable to w -> clip(rint(w / scale)) as float32 exact integers, equal
+    to the float64 rule (see rtn_quantize): a float32 quotient, redone in float64 within _TIE_BAND of a .5."""
+    qmax = QMAX[bits]
+    t = w / scale                                                               # float32, w's shape
     r = np.rint(t)
     t -= r
     np.abs(t, out=t)
-    near = np.nonzero(t > _TIE_BAND)
-    if near[0].size:                                                            # redo these in float64
-        r[near] = np.rint(wg[near].astype(np.float64) / scale[near[:2]].astype(np.float64))
+    near = np.flatnonzero(t > _TIE_BAND)
+    if near.size:                                                               # redo these in float64
+        at = np.unravel_index(near, w.shape)
+        r[at] = np.rint(w[at].astype(np.float64) / np.broadcast_to(scale, w.shape)[at].astype(np.float64))
     np.clip(r, -qmax - 1, qmax, out=r)
-    return r.reshape(out, n_in), scale
+    return r
 
 
 def rtn_quantize_reference(w: np.ndarray, bits: int, group_size: int) -> tuple[np.ndarray, np.ndarray]:

@@ -34,7 +34,8 @@ def encode_e4m3(x: np.ndarray) -> np.ndarray:
     On the float32 bits, in cache-sized blocks: a normal value keeps 3 of its 23 mantissa bits, rounded to
     nearest even by adding 0x7FFFF plus the lowest kept bit (a carry bumps the exponent, as it should); its
     exponent is re-biased from 127 to 7. Below 2^-6 the value is a multiple of 2^-9: rint(a * 512) in 0..8
-    (8 is the smallest normal, whose code is 8 too).
+    (8 is the smallest normal, whose code is 8 too), read off the bits of a + 2^14 (whole-array passes, no
+    masked indexing).
     """
     x = np.ascontiguousarray(x, dtype=np.float32)
     flat, out = x.reshape(-1), np.empty(x.size, dtype=np.uint8)
@@ -46,17 +47,27 @@ def encode_e4m3(x: np.ndarray) -> np.ndarray:
 _BLOCK = 1 << 16
 
 
+_MAGIC = np.float32(2.0 ** 14)     # float32 ulp at 2^14 is 2^-9, the subnormal step: a + 2^14 rounds a to it (RNE)
+
+
 def _encode_block(x: np.ndarray) -> np.ndarray:
-    a = np.minimum(np.abs(x), np.float32(E4M3_MAX))                # NaN stays NaN
+    a = np.abs(x)
+    np.minimum(a, np.float32(E4M3_MAX), out=a)                    # NaN stays NaN
     bits = a.view(np.uint32)
-    r = bits + ((bits >> 20) & 1) + 0x7FFFF
-    code = ((r >> 23).astype(np.int32) - 120) << 3                 # exponent - 127 + 7, shifted over 3 mantissa bits
-    code |= ((r >> 20) & 7).astype(np.int32)
-    small = a < np.float32(2.0 ** _MIN_NORMAL_EXP)
-    if small.any():
-        code[small] = np.rint(a[small] * np.float32(512)).astype(np.int32)
-    code = code.astype(np.uint8)
-    code |= ((x.view(np.uint32) >> 31).astype(np.uint8) << 7)
+    r = bits >> 20
+    r &= 1
+    r += 0x7FFFF
+    r += bits                                                      # rounded at the 3rd mantissa bit
+    r >>= 20                                                       # biased exponent << 3 | 3 mantissa bits
+    r -= 120 << 3                                                  # re-bias 127 -> 7 (wraps where subnormal)
+    sub = a + _MAGIC                                               # subnormals: 2^14 + k * 2^-9, k = rint(a * 512)
+    sub = sub.view(np.uint32)
+    sub -= _MAGIC.view(np.uint32)                                  # k in 0..8 (8 is the smallest normal's code too)
+    np.copyto(r, sub, where=a < np.float32(2.0 ** _MIN_NORMAL_EXP))
+    sign = x.view(np.uint32) >> 24
+    sign &= 0x80
+    r |= sign
+    code = r.astype(np.uint8)                                      # the low 8 bits: sign | exponent | mantissa
     nan = np.isnan(a)
     if nan.any():
         code[nan] = 0x7F
@@ -65,7 +76,7 @@ def _encode_block(x: np.ndarray) -> np.ndarray:
 
 def decode_e4m3(codes: np.ndarray) -> np.ndarray:
     """uint8 e4m3fn codes -> float32 values."""
-    return DECODE[np.asarray(codes, dtype=np.uint8)]
+    return DECODE.take(np.asarray(codes, dtype=np.uint8))
 
 
 def tensor_scale(amax: float) -> np.float32:

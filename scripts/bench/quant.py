@@ -12,7 +12,8 @@ quality     on the trained demo model (the pretrained checkpoint of `make demo`)
 throughput  a random bf16 base with the 0.3B widths and --layers layers in --shard shards: `ernie-quant wint8`
             and `ernie-quant fp8 --calib` (its write pass: the summary's write_seconds) against `cp -r` of the
             same shards, timed in turn by farm-bench (A/B ratio of wall seconds, medians); peak RSS (VmHWM of
-            ernie-quant, from its summary) against the largest shard.
+            ernie-quant, from its summary) against the largest shard; and `ernie-quant --help` against the
+            same cp: start-up alone, which bounds the whole-process ratio from above (cp / (start-up + cp)).
 serve       ernie-serve on the same base (loaded fp32 on CPU) and on its wint8 output: the server's VmRSS once
             healthy, parameter + buffer bytes of the loaded model (a separate process), and greedy decode tokens/s
             of one request (64-token completion minus a 1-token one).
@@ -157,6 +158,10 @@ def throughput(work: str, layers: int, shard: str, demo: str) -> dict:
     res["wint8"] = {"time_ratio_vs_cp": ratio, "throughput_vs_cp": round(1 / ratio, 3) if ratio else None,
                     "mb_per_s": s["mb_per_s"], "peak_rss_mb": s["peak_rss_mb"],
                     "peak_rss_vs_largest_shard": round(s["peak_rss_mb"] / (largest / 2**20), 3)}
+    # the floor of any Python CLI here: start-up and imports alone (`--help`), against the same cp
+    _, floor = farm([QUANT, "--help"], cp, 3, 120)
+    res["startup_floor"] = {"time_ratio_vs_cp": floor,
+                            "best_possible_throughput_vs_cp": round(1 / (1 + floor), 3) if floor else None}
     # fp8 needs calibration (a model build and forward passes, not streaming); its write pass streams like RTN:
     # time it through the summary's write_seconds against cp's median wall from the run above.
     calib = f"{demo}/data/pt-valid"  # token ids < 2048 fit the 103424-token vocabulary; values do not matter here

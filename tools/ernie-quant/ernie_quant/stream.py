@@ -107,6 +107,14 @@ class Source:
             return out[0] if len(out) == 1 else np.concatenate(out, axis=0)
         return n_out, n_in, rows
 
+    def stored_rows(self, rule: Rule):
+        """(n_in, n_out, rows(i0, i1)) for a Linear rule of a Paddle-layout base: float32 rows i0..i1 of the
+        stored [in, out] weight, widened block by block from the storage read once."""
+        (name,) = self.names(rule)
+        store, dt = read_array(self.files[name], name), self.files[name].dtype(name)
+        n_in, n_out = rule.paddle_shape
+        return n_in, n_out, lambda i0, i1: widen(store[i0:i1], dt)
+
     def read_paddle_f32(self, rule: Rule) -> np.ndarray:
         """Any rule's tensor in Paddle orientation, float32, read with plain reads (no memory map, so nothing
         stays resident once the caller drops it)."""
@@ -149,7 +157,7 @@ def plan(src: Source, job: Job) -> list[Entry]:
     return entries
 
 
-_BLOCK_ELEMS = 1 << 16  # rows per block so that one block (float64 inside rtn_quantize) stays in L2
+_BLOCK_ELEMS = 1 << 16  # rows per block so that one block and its float32 temporaries stay in L2
 
 
 def _threads() -> int:
@@ -191,7 +199,7 @@ def quantize_rule(n_out: int, n_in: int, rows, job: Job, rule: Rule) -> tuple[Qu
     For the Paddle layout the result is built transposed block by block (QuantResult.qt): no whole-tensor
     transpose ever happens.
     """
-    from libernie.quant.gptq import dequantize, rtn_quantize
+    from libernie.quant.gptq import dequantize, rtn_float32
     rows = _finite(rows)
     step = max(16, _BLOCK_ELEMS // n_in)
     blocks = [(i, min(i + step, n_out)) for i in range(0, n_out, step)]
@@ -230,14 +238,81 @@ def quantize_rule(n_out: int, n_in: int, rows, job: Job, rule: Rule) -> tuple[Qu
             blk = rows(r0, r1)
             if given is not None:
                 qb, sb = np.asarray(given[0][r0:r1], np.int8), np.asarray(given[1][r0:r1], np.float32)
-            else:
-                qb, sb = rtn_quantize(blk, bits, gs)
+                d = dequantize(qb, sb, g)
+            else:                       # rtn_quantize's float32 path, keeping q as floats for the error
+                d, sb = rtn_float32(blk, bits, gs)
+                qb = d.astype(np.int8)
+                d = d.reshape(r1 - r0, n_in // g, g)
+                d *= sb[:, :, None]     # == dequantize(qb, sb, g): the same float32 products
+                d = d.reshape(r1 - r0, n_in)
             put(q, r0, r1, qb)
             scale[r0:r1] = sb
-            d = dequantize(qb, sb, g) - blk
+            d -= blk
             return float(np.vdot(d, d)), float(np.vdot(blk, blk))
         sums = _map(int_block, blocks)
         res = QuantResult(job.method, None if paddle_out else q, scale, None, gs, qt=q if paddle_out else None)
+    err2, ref2 = sum(e for e, _ in sums), sum(r for _, r in sums)
+    return res, (err2 / ref2) ** 0.5 if ref2 > 0 else 0.0
+
+
+def quantize_stored(n_in: int, n_out: int, rows, job: Job, rule: Rule) -> tuple[QuantResult, float]:
+    """quantize_rule for a Paddle-layout base written as fastdeploy: the weight given as rows(i0, i1) ->
+    float32 [i1 - i0, out], blocks of its stored [in, out] rows (contiguous reads, no transposes), quantized
+    in that orientation straight into QuantResult.qt. Every element meets the same float32 operations with
+    the same scale as in quantize_rule, so the bytes are the same. RTN per channel takes two passes (the
+    column maxima first); groups of g input rows are whole inside a block, so grouped RTN and fp8's encode
+    take one."""
+    from libernie.quant.gptq import group_scale, round_to_grid
+    rows = _finite(rows)
+    if job.method == "fp8":
+        step = max(1, _BLOCK_ELEMS // n_out)
+    else:
+        g = n_in if job.group_size == -1 else job.group_size
+        step = g * max(1, _BLOCK_ELEMS // (n_out * g)) if g < n_in else max(1, _BLOCK_ELEMS // n_out)
+    blocks = [(i, min(i + step, n_in)) for i in range(0, n_in, step)]
+
+    def col_amax(b):
+        blk = rows(*b)
+        return np.maximum(blk.max(axis=0), -blk.min(axis=0))                    # [out]
+
+    if job.method == "fp8":
+        scale = tensor_scale(float(np.max(_map(col_amax, blocks))))
+        codes = np.empty((n_in, n_out), np.uint8)
+
+        def fp8_block(b):
+            blk = rows(*b)
+            c = codes[b[0]:b[1]]
+            c[...] = encode_e4m3(blk / scale)
+            d = decode_e4m3(c)
+            d *= scale
+            d -= blk
+            return float(np.vdot(d, d)), float(np.vdot(blk, blk))
+        sums = _map(fp8_block, blocks)
+        act = tensor_scale((job.act_amax or {}).get(module_of(rule), 0.0))
+        res = QuantResult("fp8", None, np.array([scale], np.float32), np.array([act], np.float32), qt=codes)
+    else:
+        bits = BITS[job.method]
+        qt, scale_t = np.empty((n_in, n_out), np.int8), np.empty((n_in // g, n_out), np.float32)
+        if g == n_in:                                                           # per channel: pass 1
+            scale_t[0] = group_scale(np.max(_map(col_amax, blocks), axis=0), bits)
+
+        def int_block(b):
+            i0, i1 = b
+            blk = rows(i0, i1)
+            bg = blk.reshape(-1, min(g, i1 - i0) if g == n_in else g, n_out)    # [k, g', out]
+            if g == n_in:
+                sb = scale_t[0][None]                                           # [1, out]
+            else:
+                sb = group_scale(np.maximum(bg.max(axis=1), -bg.min(axis=1)), bits)     # [k, out]
+                scale_t[i0 // g:i1 // g] = sb
+            r = round_to_grid(bg, sb[:, None, :], bits)                         # [k, g', out] exact integers
+            np.copyto(qt[i0:i1], r.reshape(i1 - i0, n_out), casting="unsafe")
+            r *= sb[:, None, :]
+            d = r.reshape(i1 - i0, n_out)
+            d -= blk
+            return float(np.vdot(d, d)), float(np.vdot(blk, blk))
+        sums = _map(int_block, blocks)
+        res = QuantResult(job.method, None, np.ascontiguousarray(scale_t.T), None, job.group_size, qt=qt)
     err2, ref2 = sum(e for e, _ in sums), sum(r for _, r in sums)
     return res, (err2 / ref2) ** 0.5 if ref2 > 0 else 0.0
 
@@ -258,7 +333,10 @@ def write(src: Source, job: Job, tmp: str, max_bytes: int, meta: dict, progress=
         for i, rule in enumerate(src.ordered_rules()):
             if rule.paddle in job.quantized:
                 try:
-                    res, errors[rule.paddle] = quantize_rule(*src.linear_rows(rule), job, rule)
+                    if src.reader.layout == "paddle" and job.fmt == "fastdeploy" and job.gptq is None:
+                        res, errors[rule.paddle] = quantize_stored(*src.stored_rows(rule), job, rule)
+                    else:
+                        res, errors[rule.paddle] = quantize_rule(*src.linear_rows(rule), job, rule)
                 except ErnieError as e:  # e.g. non-finite weights: name the tensor and its file
                     n = src.names(rule)[0]
                     raise CheckpointError(f"{src.files[n].path}: {rule.paddle}: {e}") from None

@@ -1,0 +1,53 @@
+"""The storage-orientation writer path (quantize_stored, Paddle-layout base -> fastdeploy) against the
+row-block path it replaces there (quantize_rule over HF-orientation rows): the same bytes for every method,
+group size and thread count, on shapes whose blocks do not divide evenly and with bf16 storage."""
+import numpy as np
+import pytest
+
+from libernie.checkpoint.names import rules
+from libernie.checkpoint.stream import widen
+from libernie.config import ernie_tiny
+from libernie.quant.gptq import rtn_quantize_reference
+
+from ernie_quant import stream
+from ernie_quant.stream import Job, quantize_rule, quantize_stored
+
+RULE = next(r for r in rules(ernie_tiny(vocab_size=2048)) if r.paddle.endswith("mlp.down_proj.weight"))
+
+
+def _store(n_in, n_out, seed, bf16):
+    w = (np.random.default_rng(seed).standard_t(4, size=(n_in, n_out)) * 0.02).astype(np.float32)  # [in, out]
+    w[:, 3] = 0.0                                                     # an all-zero output channel
+    if bf16:
+        return (w.view(np.uint32) >> 16).astype(np.uint16), "BF16"
+    return w, "F32"
+
+
+@pytest.mark.parametrize("threads", ["1", "2"])
+@pytest.mark.parametrize("method,group_size", [("wint8", -1), ("wint4", -1), ("wint4", 32), ("wint8", 64),
+                                               ("fp8", -1)])
+@pytest.mark.parametrize("bf16", [True, False])
+def test_stored_orientation_gives_the_same_bytes(monkeypatch, method, group_size, threads, bf16):
+    monkeypatch.setenv("OMP_NUM_THREADS", threads)
+    monkeypatch.setattr(stream, "_BLOCK_ELEMS", 3000)                 # many blocks, a ragged last one
+    n_in, n_out = 448, 136
+    store, dt = _store(n_in, n_out, len(method) + group_size, bf16)
+    job = Job(method, "fastdeploy", group_size, {RULE.paddle}, act_amax={"x": 1.0})
+    res, err = quantize_stored(n_in, n_out, lambda i0, i1: widen(store[i0:i1], dt), job, RULE)
+    ref, err_ref = quantize_rule(n_out, n_in, lambda r0, r1: widen(store[:, r0:r1].T, dt), job, RULE)
+    np.testing.assert_array_equal(res.paddle_q(), ref.paddle_q())
+    np.testing.assert_array_equal(res.scale.view(np.uint32), ref.scale.view(np.uint32))
+    assert res.scale.shape == ref.scale.shape and res.paddle_q().dtype == ref.paddle_q().dtype
+    assert err == pytest.approx(err_ref, rel=1e-5) and err > 0
+    if method != "fp8":                                               # and both are the float64 rule itself
+        q, scale = rtn_quantize_reference(widen(store, dt).T, {"wint8": 8, "wint4": 4}[method], group_size)
+        np.testing.assert_array_equal(res.paddle_q(), q.T)
+        np.testing.assert_array_equal(res.scale, scale)
+
+
+def test_stored_orientation_refuses_non_finite_weights():
+    store, dt = _store(64, 32, 0, False)
+    store[5, 7] = np.inf
+    job = Job("wint8", "fastdeploy", -1, {RULE.paddle})
+    with pytest.raises(Exception, match="non-finite"):
+        quantize_stored(64, 32, lambda i0, i1: widen(store[i0:i1], dt), job, RULE)

@@ -13,7 +13,8 @@ from typing import Iterator
 import numpy as np
 
 from libernie.checkpoint.names import FUSED_BIAS, FUSED_LINEAR, Rule, ignorable, rules, to_hf, to_paddle
-from libernie.checkpoint.safetensors_io import SafetensorsFile, from_float32, to_float32, write_safetensors
+from libernie.checkpoint.safetensors_io import (SafetensorsFile, drop_pages, from_float32, to_float32,
+                                              write_safetensors)
 from libernie.checkpoint.sharded import INDEX, CheckpointReader, ShardedWriter, atomic_dir, parse_size
 from libernie.config import ErnieConfig
 from libernie.errors import CheckpointError
@@ -25,8 +26,11 @@ _DTYPE_TAGS = {"float32": "F32", "fp32": "F32", "bfloat16": "BF16", "bf16": "BF1
 _WEIGHT_FILES = (INDEX, "model.safetensors", "config.json")
 
 
-def iter_tensors(source, cfg: ErnieConfig, layout: str) -> Iterator[tuple[str, np.ndarray, str]]:
+def iter_tensors(source, cfg: ErnieConfig, layout: str, release: bool = False) -> Iterator[tuple[str, np.ndarray, str]]:
     """Yield (name, storage array, safetensors dtype) of every tensor, in `layout`.
+
+    release: once the consumer has taken a tensor (the generator resumes), drop its source's mapped
+    pages from RSS (source.release), so reading a checkpoint holds about one tensor resident, not all.
 
     source: anything with .layout, .keys(), `in`, .get(name) -> (array, dtype), e.g. CheckpointReader.
     Raises CheckpointError naming the first missing, unexpected or mis-shaped tensor.
@@ -72,6 +76,10 @@ def iter_tensors(source, cfg: ErnieConfig, layout: str) -> Iterator[tuple[str, n
             yield from zip(rule.hf, to_hf(rule, arrs[0]), dtypes * len(rule.hf))
         else:
             yield rule.paddle, to_paddle(rule, arrs), dtypes[0]
+        if release and not absent and hasattr(source, "release"):
+            del arrs
+            for name in names:
+                source.release(name)
 
 
 def _file(source, name):
@@ -124,6 +132,26 @@ class _ModelSource:
         return arr, tag
 
 
+_BLOCK = 32 << 20  # bytes per block when copying a large tensor out of its mapped file
+
+
+def _copy_into(param, arr: np.ndarray, dt: str) -> None:
+    """param <- arr without a second host copy: F32 straight from the mapped pages, and a large tensor
+    (the 424 MB embedding of ERNIE 4.5 0.3B) in row blocks whose pages are dropped as they are copied,
+    so loading holds the weights plus ~one block, not the weights plus the checkpoint."""
+    import paddle
+    if arr.dtype != np.float32:
+        arr = to_float32(arr, dt)
+    if arr.nbytes <= _BLOCK or arr.ndim == 0 or not arr.flags.c_contiguous:
+        param.set_value(arr)
+        return
+    rows = max(1, _BLOCK // (arr.nbytes // arr.shape[0]))
+    with paddle.no_grad():
+        for i in range(0, arr.shape[0], rows):
+            param[i:i + rows] = paddle.to_tensor(arr[i:i + rows])
+            drop_pages(arr[i:i + rows])
+
+
 def load_model(cls, path, dtype: str | None = None):
     """Build `cls(config)` from a checkpoint directory in either layout, one tensor at a time."""
     from libernie.kernels import on_gpu
@@ -137,9 +165,9 @@ def load_model(cls, path, dtype: str | None = None):
     model = cls(cfg)
     params = {n: p for n, p in model.named_parameters() if ".lora_" not in n}
     disk_dtypes = set()
-    for name, arr, dt in iter_tensors(reader, cfg, "paddle"):
+    for name, arr, dt in iter_tensors(reader, cfg, "paddle", release=True):  # peak: weights + ~one tensor
         disk_dtypes.add(dt)
-        params.pop(name).set_value(to_float32(np.asarray(arr), dt))
+        _copy_into(params.pop(name), np.asarray(arr), dt)
     if params:  # the name table and the model disagree: a bug, not bad input
         raise RuntimeError(f"model parameters not covered by the checkpoint name table: {sorted(params)[:3]}")
     if dtype is None:  # CPU computes in fp32; a GPU keeps the checkpoint's half precision

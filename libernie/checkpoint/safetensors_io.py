@@ -9,6 +9,7 @@ safetensors library's own serializer (pointer specs, no extra copy), to a temp n
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import struct
 
@@ -79,6 +80,16 @@ class SafetensorsFile:
         begin, end = self._header[name]["data_offsets"]
         return self._start + begin, end - begin
 
+    def release(self, name: str) -> None:
+        """Drop the file pages of tensor `name` from this process's resident set (after copying it).
+
+        A mapped page stays in RSS for as long as the map is open, so loading a model through get()
+        would otherwise hold the whole checkpoint resident beside the weights copied out of it (about
+        twice the model's size at the end of loading). The pages stay in the page cache; a later get()
+        of the same tensor faults them back in."""
+        if self._mmap is not None and self._mmap.size:
+            drop_pages(self.get(name))
+
     def get(self, name: str) -> np.ndarray:
         """The tensor as a read-only memory-mapped array of its storage dtype."""
         info = self._header[name]
@@ -87,6 +98,24 @@ class SafetensorsFile:
                 if os.path.getsize(self.path) > self._start else np.zeros(0, np.uint8)
         begin, end = info["data_offsets"]
         return self._mmap[begin:end].view(STORAGE[info["dtype"]]).reshape(info["shape"])
+
+
+def drop_pages(view: np.ndarray) -> None:
+    """Drop the mapped file pages under `view` (a C-contiguous slice of a get() array) from RSS.
+
+    For copying one large tensor in blocks without holding all of its pages resident. A no-op unless
+    `view` lies in a read-only file mapping (on anonymous memory MADV_DONTNEED would zero data)."""
+    base = view
+    while base is not None and not isinstance(base, mmap.mmap):
+        base = getattr(base, "base", None)
+    if base is None or not view.flags.c_contiguous or not view.nbytes or not hasattr(base, "madvise"):
+        return
+    start = np.frombuffer(base, np.uint8).ctypes.data
+    page = mmap.PAGESIZE
+    lo = (view.ctypes.data - start) // page * page
+    hi = min(len(base), -(-(view.ctypes.data - start + view.nbytes) // page) * page)
+    if hi > lo:
+        base.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
 
 
 def write_safetensors(path: str, tensors: dict[str, tuple[np.ndarray, str]], metadata: dict | None = None) -> int:

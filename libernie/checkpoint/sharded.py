@@ -76,6 +76,10 @@ class CheckpointReader:
         f = self._file(self.weight_map[name])
         return f.get(name), f.dtype(name)
 
+    def release(self, name: str) -> None:
+        """Drop tensor `name`'s mapped file pages from RSS once it has been copied (SafetensorsFile.release)."""
+        self._file(self.weight_map[name]).release(name)
+
     def file_of(self, name: str) -> str:
         return os.path.join(self.path, self.weight_map[name])
 

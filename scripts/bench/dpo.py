@@ -16,12 +16,11 @@ RSS is its own) through ernie_train.trainer.train, as `ernie-train dpo` does, wi
 
 tokens/s is the median over steps 2..N of the trainer's own metrics.jsonl; the modes run --rounds times in
 turn (cached, ref-model, adapter-off, cached, ...) and each keeps its best round, because other jobs on a
-shared machine slow whichever run they overlap. Memory, two ways (the largest over rounds):
-- training peak: the largest resident set sampled after every step (/proc/self/statm), i.e. what the run
-  holds while it trains;
-- process peak: getrusage max RSS (metrics.jsonl memory_mb). It also counts the checkpoint's file pages,
-  memory-mapped while a model loads (about one model's size, released after loading, reclaimable page
-  cache), so it overstates what training needs by that transient.
+shared machine slow whichever run they overlap. Memory: a thread samples the resident set (/proc/self/statm)
+every 5 ms, in the step too (the largest over rounds):
+- training peak: steps 2..N, i.e. what a run holds while it trains, activations included;
+- process peak: the whole run, loading the model(s) included. (getrusage's max RSS is not used: Linux
+  carries it across fork+exec, so a child would report this script's own peak from building the model.)
 Goal (issue 9): cached >= 1.4x the tokens/s of ref-model, <= 0.6x its peak memory.
 """
 import argparse
@@ -69,17 +68,30 @@ def make_model(tmp, layers):
 
 
 def child(argv):
-    """One `ernie-train dpo` run through its Python API (as the CLI runs it), sampling RSS after each step."""
+    """One `ernie-train dpo` run through its Python API (as the CLI runs it), sampling RSS every 5 ms."""
+    import threading
+    import time
+
     import libernie  # noqa: F401
     from ernie_train.config import resolve
     from ernie_train.trainer import train
     out, extra = argv[0], json.loads(argv[1])
-    samples = []
     rss = lambda: int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20  # noqa: E731
-    train(resolve("dpo", {}, {**extra, "output_dir": out}), on_log=lambda rec: samples.append(rss()))
+    peak = {"run": 0.0, "steps": 0.0}
+    phase = ["run"]
+
+    def sample():
+        while True:
+            r = rss()
+            peak["run"] = max(peak["run"], r)
+            if phase[0] == "steps":
+                peak["steps"] = max(peak["steps"], r)
+            time.sleep(0.005)
+    threading.Thread(target=sample, daemon=True).start()
+    train(resolve("dpo", {}, {**extra, "output_dir": out}), on_log=lambda rec: phase.__setitem__(0, "steps"))
     recs = [json.loads(x) for x in open(os.path.join(out, "metrics.jsonl"))]
     print(json.dumps({"tokens_per_s": statistics.median(r["tokens_per_s"] for r in recs[1:]),
-                      "process_peak_mb": max(r["memory_mb"] for r in recs), "train_peak_mb": max(samples),
+                      "process_peak_mb": peak["run"], "train_peak_mb": peak["steps"],
                       "loss": [r["loss"] for r in recs]}))
 
 

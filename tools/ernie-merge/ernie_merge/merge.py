@@ -24,11 +24,13 @@ from libernie.checkpoint.safetensors_io import SafetensorsFile
 from libernie.checkpoint.sharded import CheckpointReader, atomic_dir, parse_size
 from libernie.checkpoint.stream import Entry, StreamingWriter, read_array, tensor_span, widen
 from libernie.config import ErnieConfig
+from libernie.checkpoint.side_files import copy_side_files
 from libernie.errors import CheckpointError
+from libernie.memory import peak_rss_mb
 from libernie.paths import check_writable
 
 from ernie_merge.adapters import EMBED, TIED_HEAD, Adapter, read_adapter
-from ernie_merge.files import copy_side_files, peak_rss_mb, sha_warning, version
+from ernie_merge.files import sha_warning, version
 
 TOOL = "ernie-merge"
 _ROWS = 4096   # rows per `W[rows] += s * A[rows] @ B` when a whole tensor is fixed at once: bounds the temporary

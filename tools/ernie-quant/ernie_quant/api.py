@@ -17,12 +17,14 @@ from typing import Callable
 from libernie.checkpoint import FORMAT_TAG
 from libernie.checkpoint.names import rules
 from libernie.checkpoint.sharded import atomic_dir, parse_size
+from libernie.checkpoint.side_files import copy_side_files
+from libernie.memory import peak_rss_mb
 from libernie.paths import check_writable
 from libernie.quant import BITS, DEFAULT_GROUP, FORMATS, METHODS
 from libernie.quant.formats import hf_module, module_of, quantizable, quantization_config
 
 from ernie_quant.errors import QuantError
-from ernie_quant.stream import Job, Source, copy_side_files, write
+from ernie_quant.stream import Job, Source, write
 
 ALGOS = ("rtn", "gptq")
 
@@ -132,7 +134,7 @@ def quantize(method: str, model: str, out: str, *, calib: str | None = None, alg
         raise QuantError(f"{e.filename or out}: {e.strerror or e}; check the path, its permissions and the free "
                          "space") from None
     write_seconds = time.perf_counter() - t_write
-    rss = _peak_rss_mb()
+    rss = peak_rss_mb()
     if eval_ds is not None:
         from libernie.model import ErnieForCausalLM
         t = time.perf_counter()
@@ -236,13 +238,3 @@ def _stage(progress, stage: str, it, total: int):
             progress(stage, i + 1, total)
 
 
-def _peak_rss_mb() -> float:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

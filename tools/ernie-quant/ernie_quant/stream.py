@@ -4,7 +4,6 @@ front (libernie.checkpoint.stream), so peak memory is about one tensor group wha
 from __future__ import annotations
 
 import os
-import shutil
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -12,7 +11,7 @@ import numpy as np
 
 from libernie.checkpoint.names import Rule, ignorable, rules, to_hf, to_paddle
 from libernie.checkpoint.safetensors_io import SafetensorsFile
-from libernie.checkpoint.sharded import INDEX, SINGLE, CheckpointReader
+from libernie.checkpoint.sharded import CheckpointReader
 from libernie.checkpoint.stream import Entry, StreamingWriter, read_array, tensor_span, widen
 from libernie.config import ErnieConfig
 from libernie.errors import CheckpointError, ErnieError
@@ -21,10 +20,6 @@ from libernie.quant.formats import QUANT_MARKERS, QuantResult, module_of, planne
 from libernie.quant.fp8 import decode_e4m3, encode_e4m3, tensor_scale
 
 from ernie_quant.errors import QuantError
-
-_SKIP_SUFFIXES = (".safetensors", ".partial", ".safetensors.index.json", ".bin", ".pdparams", ".pdopt", ".pt",
-                  ".pth", ".ckpt")
-_SKIP_PREFIXES = ("trainer_state", "optimizer", "scheduler", "rng_state", "training_args")  # an ernie-train checkpoint
 
 
 @dataclass
@@ -368,16 +363,3 @@ def write(src: Source, job: Job, tmp: str, max_bytes: int, meta: dict, progress=
     return index, errors, total
 
 
-def copy_side_files(src_dir: str, dst_dir: str) -> list[str]:
-    """Tokenizer, chat template, generation config...: every regular file but weights, config.json and
-    training state."""
-    copied = []
-    for fname in sorted(os.listdir(src_dir)):
-        p = os.path.join(src_dir, fname)
-        if (fname in (INDEX, SINGLE, "config.json") or fname.endswith(_SKIP_SUFFIXES)
-                or fname.startswith(_SKIP_PREFIXES) or fname.startswith(".")
-                or not os.path.isfile(p)):
-            continue
-        shutil.copy2(p, os.path.join(dst_dir, fname))
-        copied.append(fname)
-    return copied

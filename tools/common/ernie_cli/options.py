@@ -27,3 +27,16 @@ def quiet_option():
 def json_option():
     """--json: print the result as one JSON object on stdout instead of text for people."""
     return click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout instead of text.")
+
+
+def max_shard_size_option():
+    """--max-shard-size SIZE: the output shard budget (5GB, 500MB, 2GiB), checked while parsing (exit 2)."""
+    def check(ctx, param, value):
+        from libernie.checkpoint import parse_size
+        try:
+            parse_size(value)
+        except ValueError as e:
+            raise click.BadParameter(str(e)) from None
+        return value
+    return click.option("--max-shard-size", default="5GB", show_default=True, callback=check,
+                        help="Output shard budget, e.g. 5GB, 500MB, 2GiB.")

@@ -6,8 +6,7 @@ import time
 
 import click
 
-from ernie_cli import emit_json, quiet_option, run_main, to_click_errors
-from libernie.checkpoint import parse_size
+from ernie_cli import emit_json, max_shard_size_option, quiet_option, run_main, to_click_errors
 
 from ernie_merge import merge as api
 
@@ -56,14 +55,6 @@ class ByteProgress:
         sys.stderr.flush()
 
 
-def _size(ctx, param, value):
-    try:
-        parse_size(value)
-    except ValueError as e:
-        raise click.BadParameter(str(e)) from None
-    return value
-
-
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.option("--base", "base", metavar="DIR", required=True, help="Base model directory (HF or Paddle layout).")
 @click.option("--adapter", "adapter", metavar="DIR",
@@ -74,8 +65,7 @@ def _size(ctx, param, value):
               help="Output layout: hf (transformers, vLLM) or paddle (PaddleFormers, FastDeploy). Default: the base's.")
 @click.option("--dtype", type=click.Choice(["keep", "bf16", "fp32"]), default="keep", show_default=True,
               help="Output dtype; keep: every tensor keeps the base's dtype (the merge itself runs in fp32).")
-@click.option("--max-shard-size", default="5GB", show_default=True, callback=_size,
-              help="Output shard budget, e.g. 5GB, 500MB, 2GiB.")
+@max_shard_size_option()
 @click.option("--verify", is_flag=True,
               help="Compare the merged model's logits with base + adapter on a few sequences (builds both models).")
 @click.option("--force", is_flag=True, help="Replace OUTDIR if it exists.")

@@ -6,8 +6,7 @@ import time
 
 import click
 
-from ernie_cli import emit_json, quiet_option, run_main, to_click_errors, tokenizer_option
-from libernie.checkpoint import parse_size
+from ernie_cli import emit_json, max_shard_size_option, quiet_option, run_main, to_click_errors, tokenizer_option
 
 from ernie_quant import api
 
@@ -57,14 +56,6 @@ class StageProgress:
             self._bar.stop()
 
 
-def _size(ctx, param, value):
-    try:
-        parse_size(value)
-    except ValueError as e:
-        raise click.BadParameter(str(e)) from None
-    return value
-
-
 def _group(ctx, param, value):
     if value is None:
         return None
@@ -97,8 +88,7 @@ def _group(ctx, param, value):
               help="Evaluation sequences.")
 @click.option("--seq-len", type=click.IntRange(min=2), default=None, metavar="N",
               help="Cut calibration and evaluation sequences to N tokens (default: as packed).")
-@click.option("--max-shard-size", default="5GB", show_default=True, callback=_size,
-              help="Output shard budget, e.g. 5GB, 500MB, 2GiB.")
+@max_shard_size_option()
 @click.option("--force", is_flag=True, help="Replace OUTDIR if it exists.")
 @quiet_option()
 @click.version_option(package_name="ernie-tools", prog_name="ernie-quant")

@@ -6,8 +6,6 @@ load them with the same logits and greedy continuation. Then libernie writes HF 
 the Paddle layout) and transformers must load them and agree.
 """
 import json
-import os
-import subprocess
 
 import numpy as np
 import paddle
@@ -18,8 +16,9 @@ from libernie.config import ernie_tiny_moe
 from libernie.model import ErnieForCausalLM
 from libernie.model.moe import moe_blocks
 
+from oracle_testlib import IDS, logits as _logits, run_oracle as _oracle
+
 pytestmark = pytest.mark.oracle
-HERE = os.path.dirname(os.path.abspath(__file__))
 TOL = 1e-5
 
 _BASE = dict(vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
@@ -38,18 +37,7 @@ CASES = {
                                    moe_intermediate_size=24),
 }
 BIAS_STD = 0.05  # e_score_correction_bias ~ N(0, 0.05): big enough against probs ~1/E to change selections
-IDS = np.array([[1, 5, 9, 22, 100, 319, 3, 7, 8, 9, 10, 11, 250, 17],
-                [2, 6, 4, 3, 3, 3, 200, 201, 202, 0, 1, 2, 64, 65]], dtype=np.int64)
 
-
-def _oracle(py, *args):
-    r = subprocess.run([py, os.path.join(HERE, "hf_oracle.py"), *args], capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, f"oracle failed:\n{r.stderr[-3000:]}"
-
-
-def _logits(model, ids=IDS):
-    with paddle.no_grad():
-        return model(paddle.to_tensor(ids)).logits.numpy()
 
 
 @pytest.fixture(scope="session")

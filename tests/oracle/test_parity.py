@@ -6,8 +6,6 @@ checkpoints (HF layout, directly or via a Paddle-layout round trip) and transfor
 and agree with libernie.
 """
 import json
-import os
-import subprocess
 
 import numpy as np
 import paddle
@@ -17,8 +15,9 @@ from libernie.checkpoint import convert_checkpoint
 from libernie.config import ErnieConfig
 from libernie.model import ErnieForCausalLM
 
+from oracle_testlib import IDS, logits as _logits, run_oracle as _oracle
+
 pytestmark = pytest.mark.oracle
-HERE = os.path.dirname(os.path.abspath(__file__))
 TOL = 1e-5
 
 _BASE = dict(vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
@@ -32,18 +31,7 @@ CASES = {
     "ernie_0_3b_shape_small": dict(hidden_size=128, intermediate_size=384, num_attention_heads=16, num_key_value_heads=2,
                                    head_dim=16, rope_theta=500000.0, num_hidden_layers=2),
 }
-IDS = np.array([[1, 5, 9, 22, 100, 319, 3, 7, 8, 9, 10, 11, 250, 17],
-                [2, 6, 4, 3, 3, 3, 200, 201, 202, 0, 1, 2, 64, 65]], dtype=np.int64)
 
-
-def _oracle(py, *args):
-    r = subprocess.run([py, os.path.join(HERE, "hf_oracle.py"), *args], capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, f"oracle failed:\n{r.stderr[-3000:]}"
-
-
-def _logits(model, ids=IDS):
-    with paddle.no_grad():
-        return model(paddle.to_tensor(ids)).logits.numpy()
 
 
 @pytest.fixture(scope="session")

@@ -1,13 +1,12 @@
 """The launcher mapping: paddle.distributed.launch and Slurm srun variables -> paddle's process group."""
 import os
-import subprocess
 import sys
 
 import numpy as np
 import pytest
 
 from ernie_train.dist import DistError, detect, slurm_env, tasks_per_node
-from train_helpers import ROOT, base_args, losses
+from train_helpers import base_args, losses, srun_ranks
 
 
 def test_detect_each_launcher():
@@ -59,15 +58,7 @@ def test_two_emulated_srun_tasks_match_one_process(data, tmp_path):
     exe = os.path.join(os.path.dirname(sys.executable), "ernie-train")
     args = ["pretrain", *base_args(data, tmp_path / "two", **{"--save-steps": "0", "--per-device-train-batch-size": "1"}),
             "-q"]
-    import socket
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    procs = [subprocess.Popen([exe, *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              env={**os.environ, "SLURM_PROCID": str(r), "SLURM_NTASKS": "2", "SLURM_LOCALID": str(r),
-                                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
-             for r in range(2)]
-    outs = [p.communicate(timeout=300) for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], outs[1][1][-2000:]
+    codes, outs = srun_ranks([exe, *args])
+    assert codes == [0, 0], outs[1][1][-2000:]
     assert outs[1][0] == ""  # only rank 0 prints the summary
     np.testing.assert_allclose(losses(tmp_path / "two"), losses(tmp_path / "one"), rtol=0, atol=1e-5)

@@ -2,8 +2,6 @@
 skipped up to --skip-nan-inf-steps times; every rank reaches the same verdict; metrics.jsonl stays JSON."""
 import json
 import os
-import socket
-import subprocess
 import sys
 
 import numpy as np
@@ -13,7 +11,7 @@ from click.testing import CliRunner
 from ernie_train.cli import cli
 from ernie_train.guard import NonFiniteGuard
 from libernie.model import ErnieForCausalLM
-from train_helpers import ROOT, base_args
+from train_helpers import base_args, srun_ranks
 
 DIVERGE = {"--learning-rate": "1e6", "--max-grad-norm": "0", "--save-steps": "1"}  # step 3's gradient is NaN
 
@@ -113,16 +111,8 @@ print(" ".join(out))
 @pytest.mark.slow
 def test_ranks_agree_when_only_one_rank_sees_a_non_finite_value(tmp_path):
     """Two gloo processes (started the way srun starts them); only rank 1 has the NaN. Both decide alike."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    procs = [subprocess.Popen([sys.executable, "-c", _RANK_SCRIPT], cwd=ROOT, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True,
-                              env={**os.environ, "SLURM_PROCID": str(r), "SLURM_NTASKS": "2", "SLURM_LOCALID": str(r),
-                                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
-             for r in range(2)]
-    outs = [p.communicate(timeout=300) for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], outs[1][1][-2000:]
+    codes, outs = srun_ranks([sys.executable, "-c", _RANK_SCRIPT])
+    assert codes == [0, 0], outs[1][1][-2000:]
     verdicts = [o[0].split() for o in outs]
     assert verdicts[0] == verdicts[1] == ["ok", "skip", "stop", "ok"]
 
@@ -131,16 +121,9 @@ def test_ranks_agree_when_only_one_rank_sees_a_non_finite_value(tmp_path):
 def test_data_parallel_run_stops_on_every_rank_at_the_same_step(data, tmp_path):
     out = tmp_path / "dp"
     args = ["pretrain", *base_args(data, out, **{**DIVERGE, "--per-device-train-batch-size": "1"}), "-q"]
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
     exe = os.path.join(os.path.dirname(sys.executable), "ernie-train")
-    procs = [subprocess.Popen([exe, *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              env={**os.environ, "SLURM_PROCID": str(r), "SLURM_NTASKS": "2", "SLURM_LOCALID": str(r),
-                                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
-             for r in range(2)]
-    outs = [p.communicate(timeout=300) for p in procs]  # a rank that decided otherwise would hang in a collective
-    assert [p.returncode for p in procs] == [1, 1]
+    codes, outs = srun_ranks([exe, *args])  # a rank that decided otherwise would hang in a collective
+    assert codes == [1, 1]
     lines = [[ln for ln in o[1].splitlines() if ln.startswith("Error:")] for o in outs]
     assert len(lines[0]) == len(lines[1]) == 1
     step = lines[0][0].split(":")[1]

@@ -3,8 +3,6 @@ expert load reaches metrics.jsonl once per token, and resume, data parallel and 
 import json
 import os
 import shutil
-import socket
-import subprocess
 import sys
 
 import numpy as np
@@ -19,7 +17,7 @@ from libernie.data import PackedDataset
 from libernie.model import ErnieForCausalLM
 from libernie.model.moe import moe_blocks, router_loss, set_token_mask
 from libernie.tokenizer import ErnieTokenizer
-from train_helpers import ROOT, TOKENIZER, base_args, losses
+from train_helpers import ROOT, TOKENIZER, base_args, losses, srun_ranks
 
 MOE = {"--init-config": "ernie-tiny-moe", "--max-steps": "4", "--save-steps": "2"}
 
@@ -189,15 +187,8 @@ def test_two_data_parallel_ranks_match_one_process(data, tmp_path):
     assert r.exit_code == 0, r.output
     exe = os.path.join(os.path.dirname(sys.executable), "ernie-train")
     args = ["pretrain", *base_args(data, tmp_path / "two", **{**MOE, "--per-device-train-batch-size": "1"}), "-q"]
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    procs = [subprocess.Popen([exe, *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              env={**os.environ, "SLURM_PROCID": str(r), "SLURM_NTASKS": "2", "SLURM_LOCALID": str(r),
-                                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
-             for r in range(2)]
-    outs = [p.communicate(timeout=300) for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], outs[1][1][-2000:]
+    codes, outs = srun_ranks([exe, *args])
+    assert codes == [0, 0], outs[1][1][-2000:]
     two, one = _records(tmp_path / "two"), _records(out)
     np.testing.assert_allclose([x["loss"] for x in two], [x["loss"] for x in one], rtol=0, atol=1e-5)
     assert [x["moe_load"] for x in two] == [x["moe_load"] for x in one]

@@ -22,3 +22,19 @@ def base_args(data, out, **over):
 
 def losses(out_dir):
     return [json.loads(line)["loss"] for line in open(os.path.join(out_dir, "metrics.jsonl"))]
+
+
+def srun_ranks(cmd, n=2, timeout=300):
+    """Start `cmd` as n ranks the way `srun` does (SLURM_* env, one loopback master port) and wait for them.
+    Returns (returncodes, [(stdout, stderr) per rank])."""
+    import socket
+    import subprocess
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    procs = [subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, "SLURM_PROCID": str(r), "SLURM_NTASKS": str(n),
+                                   "SLURM_LOCALID": str(r), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+             for r in range(n)]
+    outs = [p.communicate(timeout=timeout) for p in procs]  # a rank that disagreed would hang in a collective
+    return [p.returncode for p in procs], outs

@@ -184,9 +184,13 @@ class ErnieForCausalLM(nn.Layer):
         return CausalLMOutput(logits=logits, loss=loss, cache=cache)
 
     def logits(self, h):                                                     # [b, s, h] -> [b, s, V]
-        if self.config.tie_word_embeddings:
-            return paddle.matmul(h, self.ernie.embed_tokens.weight, transpose_y=True)
-        return self.lm_head(h)
+        if not self.config.tie_word_embeddings:
+            return self.lm_head(h)                                           # nn.Linear or a QuantLinear
+        emb = self.ernie.embed_tokens
+        if isinstance(emb, nn.Embedding):
+            return paddle.matmul(h, emb.weight, transpose_y=True)            # one matmul: training's path
+        from libernie.quant.linear import vocab_logits                       # a quantized embedding (QuantEmbedding):
+        return vocab_logits(h, emb.qweight, emb.scale)                       # int8 rows widened in vocabulary blocks
 
     def new_cache(self) -> KVCache:
         return KVCache(self.config.num_hidden_layers)

@@ -19,9 +19,11 @@ from libernie.quant.packing import pack_int4_rows, pack_int32
 
 VERSION = 1
 # Linears quantized by default: the decoder layers' projections, wherever they sit (dense MLP, MoE experts and
-# shared experts). Embeddings, lm_head, norms, biases and MoE router gates never are; --skip removes more.
+# shared experts). Norms, biases and MoE router gates never are; embeddings and lm_head only when asked
+# (--quantize-embeddings, wint8, one scale per vocabulary row); --skip removes more.
 _TARGETS = {"qkv_proj", "o_proj", "up_gate_proj", "down_proj"}
 QUANT_MARKERS = (".quant_weight", ".weight_packed")
+EMBEDDING, HEAD = "ernie.embed_tokens.weight", "lm_head.weight"
 
 
 def module_of(rule: Rule) -> str:
@@ -29,8 +31,28 @@ def module_of(rule: Rule) -> str:
     return rule.paddle[: -len(".weight")]
 
 
-def quantizable(rule: Rule, skip: tuple[str, ...] = ()) -> bool:
-    """True for a decoder Linear weight not matched by any fnmatch pattern in `skip` (Paddle module names)."""
+def is_vocab(rule: Rule) -> bool:
+    """The token embedding [V, h] or an untied lm_head [h, V]: quantized only with --quantize-embeddings."""
+    return rule.paddle in (EMBEDDING, HEAD)
+
+
+def linear_shape(rule: Rule) -> tuple[int, int]:
+    """(in, out) of the rule seen as a Linear: Paddle's [in, out]; the embedding [V, h] is the head h -> V."""
+    if rule.paddle == EMBEDDING:
+        return rule.paddle_shape[1], rule.paddle_shape[0]
+    return tuple(rule.paddle_shape)
+
+
+def rule_group(rule: Rule, group_size: int) -> int:
+    """The group size `rule` is quantized with: vocabulary matrices are always per row (per output channel)."""
+    return -1 if is_vocab(rule) else group_size
+
+
+def quantizable(rule: Rule, skip: tuple[str, ...] = (), embeddings: bool = False) -> bool:
+    """True for a decoder Linear weight not matched by any fnmatch pattern in `skip` (Paddle module names);
+    with `embeddings`, also for the token embedding and an untied lm_head."""
+    if embeddings and is_vocab(rule):
+        return True
     if rule.kind not in (LINEAR, FUSED_LINEAR) or not rule.paddle.endswith(".weight"):
         return False
     mod = module_of(rule)
@@ -62,6 +84,9 @@ class QuantResult:
 
 def tensors_for(rule: Rule, r: QuantResult, fmt: str) -> list[tuple[str, np.ndarray, str]]:
     """(name, array, safetensors dtype) of every tensor `fmt` stores for quantized Linear `rule`."""
+    if fmt == "fastdeploy" and rule.paddle == EMBEDDING:   # kept [V, h] (rows = tokens), one scale per row
+        return [(module_of(rule) + ".quant_weight", r.hf_q(), "I8"), (module_of(rule) + ".weight_scale",
+                                                                      _f32(r.scale[:, 0]), "F32")]
     if fmt == "fastdeploy":
         p = module_of(rule)
         if r.method == "fp8":
@@ -74,7 +99,7 @@ def tensors_for(rule: Rule, r: QuantResult, fmt: str) -> list[tuple[str, np.ndar
         return [(p + ".quant_weight", qt, "I8"), (p + ".weight_scale", _f32(scale), "F32")]
     if fmt != "compressed-tensors":
         raise ValueError(f"format must be fastdeploy or compressed-tensors, got {fmt!r}")
-    out, parts, lo = [], rule.split or (rule.paddle_shape[-1],), 0
+    out, parts, lo = [], rule.split or (linear_shape(rule)[1],), 0
     for name, width in zip(rule.hf, parts):                                 # the HF parts: rows of [out, in]
         m, rows = hf_module(name), slice(lo, lo + width)
         lo += width
@@ -92,8 +117,11 @@ def tensors_for(rule: Rule, r: QuantResult, fmt: str) -> list[tuple[str, np.ndar
 def planned(rule: Rule, method: str, fmt: str, group_size: int) -> list[tuple[str, str, tuple]]:
     """(name, dtype, shape) of the tensors tensors_for will produce, known before any data is read (the
     streaming writer plans its shards from these; a test checks they equal what tensors_for writes)."""
-    n_in, n_out = rule.paddle_shape
+    n_in, n_out = linear_shape(rule)
     g = 1 if group_size == -1 else n_in // group_size
+    if fmt == "fastdeploy" and rule.paddle == EMBEDDING:
+        return [(module_of(rule) + ".quant_weight", "I8", (n_out, n_in)), (module_of(rule) + ".weight_scale", "F32",
+                                                                          (n_out,))]
     if fmt == "fastdeploy":
         p = module_of(rule)
         if method == "fp8":
@@ -121,11 +149,13 @@ def _f32(a) -> np.ndarray:
 
 # ---- config.json ---------------------------------------------------------------------------------
 def quantization_config(method: str, fmt: str, *, algo: str, group_size: int, skip: list[str],
-                        skipped_hf: list[str], n_quantized: int, base: str) -> dict:
-    """config.json `quantization_config` for `fmt` (keys from FastDeploy's loader / compressed-tensors)."""
+                        skipped_hf: list[str], n_quantized: int, base: str, embeddings: bool = False,
+                        tied: bool = True) -> dict:
+    """config.json `quantization_config` for `fmt` (keys from FastDeploy's loader / compressed-tensors).
+    embeddings: the token embedding (and an untied lm_head) are wint8 per row too."""
     ours = {"version": VERSION, "method": method, "format": fmt, "algo": algo,
             "bits": BITS.get(method, 8), "group_size": group_size if method != "fp8" else None,
-            "skip": list(skip), "quantized": n_quantized, "base": base}
+            "skip": list(skip), "quantized": n_quantized, "base": base, "quantize_embeddings": bool(embeddings)}
     if fmt == "fastdeploy":
         kind = "tensor_wise_fp8" if method == "fp8" else method
         return {"quantization": "mix_quant" if method == "fp8" else method, "dense_quant_type": kind,
@@ -140,8 +170,17 @@ def quantization_config(method: str, fmt: str, *, algo: str, group_size: int, sk
         if group_size != -1:
             w["group_size"] = group_size
         group, form = {"targets": ["Linear"], "weights": w, "input_activations": None}, "pack-quantized"
+    groups, ignore = {"group_0": group}, ["lm_head", *skipped_hf]
+    if embeddings:
+        # exact names outrank class names in compressed-tensors' matching, so "lm_head" here beats group_0's
+        # "Linear"; a tied head is not a module of its own in the file (transformers ties it on load)
+        w8 = {"num_bits": 8, "type": "int", "symmetric": True, "dynamic": False, "strategy": "channel"}
+        groups["group_1"] = {"targets": ["Embedding"] + ([] if tied else ["lm_head"]), "weights": w8,
+                             "input_activations": None}
+        if not tied:
+            ignore = ignore[1:]
     return {"quant_method": "compressed-tensors", "format": form, "quantization_status": "compressed",
-            "config_groups": {"group_0": group}, "ignore": ["lm_head", *skipped_hf], "ernie_tools": ours}
+            "config_groups": groups, "ignore": ignore, "ernie_tools": ours}
 
 
 def describe(qc: dict, where: str) -> tuple[str, str]:

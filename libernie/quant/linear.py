@@ -1,8 +1,14 @@
 """QuantLinear: a Linear whose weight stays quantized in memory, behind one dispatch point.
 
-    quant_linear(x, layer)      the dispatch point: GPU kernels when Paddle sees a GPU, else cpu_reference
+    quant_linear(x, layer)      the dispatch point: GPU kernels when Paddle sees a GPU, else cpu_blocked
+                                (one scale per output column) or cpu_reference (groups)
     cpu_reference(x, layer)     dequantize per matmul (q * scale; int4 unpacked first), fp8 also
                                 fake-quantizes x with the static activation scale: the GPU's numbers
+    cpu_blocked(x, layer)       the same product over blocks of input rows: the widened block stays in cache
+                                and is never the whole [in, out] matrix (an lm_head is [h, V])
+    QuantEmbedding / quant_embedding / vocab_logits
+                                a wint8 token embedding [V, h] with one scale per row: the lookup widens only
+                                the gathered rows; the tied head runs in vocabulary blocks
     weight_only_layout(...)     the GPU layout conversion (paddle.nn.quant.weight_quantize), runs on CPU
 
 Storage (Paddle orientation, as the fastdeploy layout stores it, docs/formats/quant.md):
@@ -47,11 +53,74 @@ class QuantLinear(nn.Layer):
         return f"{self.method}, in={self.in_features}, out={self.out_features}, group={self.group_size}"
 
 
+class QuantEmbedding(nn.Layer):
+    """Drop-in for nn.Embedding(V, h) stored as int8 rows qweight [V, h] and one F32 scale per row [V]; when
+    the embedding is tied it is also the LM head (per-output-channel scales). docs/formats/quant.md."""
+
+    def __init__(self, qweight: paddle.Tensor, scale: paddle.Tensor, dtype="float32"):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = qweight.shape
+        self.out_dtype = str(dtype).split(".")[-1]                # what the lookup returns: the model's dtype
+        self.register_buffer("qweight", qweight)                    # int8 [V, h]
+        self.register_buffer("scale", scale.reshape([-1]))          # f32 [V]
+
+    def forward(self, ids):                                         # [b, s] -> [b, s, h]
+        return quant_embedding(ids, self, self.out_dtype)
+
+    def extra_repr(self) -> str:
+        return f"wint8, vocab={self.num_embeddings}, dim={self.embedding_dim}"
+
+
+def quant_embedding(ids: paddle.Tensor, layer: QuantEmbedding, dtype: str = "float32") -> paddle.Tensor:
+    """Gather the rows of `ids` [b, s] and dequantize only them -> [b, s, h]."""
+    flat = ids.reshape([-1])
+    rows = paddle.gather(layer.qweight, flat).astype(dtype)                        # [b*s, h]
+    rows = rows * paddle.gather(layer.scale, flat).astype(dtype).unsqueeze(-1)   # one scale per row
+    return rows.reshape([*ids.shape, layer.embedding_dim])
+
+
+VOCAB_BLOCK = 8192  # head rows widened at a time: 8192 x h x 4 bytes (32 MiB at h = 1024), never [V, h]
+
+
+def vocab_logits(h: paddle.Tensor, weight: paddle.Tensor, scale: paddle.Tensor | None = None,
+                 block: int = VOCAB_BLOCK) -> paddle.Tensor:
+    """h [.., hid] @ weight[V, hid]^T (* scale[V]) -> [.., V], widening `block` vocabulary rows at a time.
+
+    For a tied quantized embedding (int8 weight + row scales) or a float one stored narrower than h (bf16);
+    the float32 full-precision path stays a single matmul (training needs its gradient)."""
+    outs = []
+    for v0 in range(0, weight.shape[0], block):
+        w = weight[v0:v0 + block].astype(h.dtype)                                  # [B, hid]
+        y = paddle.matmul(h, w, transpose_y=True)                                  # [.., B]
+        outs.append(y * scale[v0:v0 + block].astype(h.dtype) if scale is not None else y)
+    return outs[0] if len(outs) == 1 else paddle.concat(outs, axis=-1)
+
+
 def quant_linear(x: paddle.Tensor, layer: QuantLinear) -> paddle.Tensor:
     """THE dispatch point for quantized matmuls."""
     if on_gpu():
         return _gpu_linear(x, layer)
+    if (layer.method == "wint8" and layer.scale.shape[0] == 1) or layer.method == "fp8":
+        return cpu_blocked(x, layer)
     return cpu_reference(x, layer)
+
+
+ROW_BLOCK_ELEMS = 512 * 3072  # weight elements widened at a time on CPU (6 MiB in fp32: cache-sized)
+
+
+def cpu_blocked(x: paddle.Tensor, layer: QuantLinear) -> paddle.Tensor:
+    """cpu_reference for one scale per output column (wint8 per channel, fp8), summed over blocks of input
+    rows: x[.., k0:k1] @ widen(q[k0:k1]), then * scale. Same products; the float32 sums are only regrouped."""
+    if layer.method == "fp8":
+        x = fake_quant_fp8(x, layer.act_scale)
+    n_in, n_out = layer.qweight.shape
+    step = min(n_in, max(16, ROW_BLOCK_ELEMS // n_out))
+    y = None
+    for k0 in range(0, n_in, step):
+        p = paddle.matmul(x[..., k0:k0 + step], layer.qweight[k0:k0 + step].astype(x.dtype))   # [.., out]
+        y = p if y is None else y + p
+    y = y * layer.scale.astype(x.dtype).reshape([-1])
+    return y + layer.bias if layer.bias is not None else y
 
 
 def unpack_int4(p: paddle.Tensor) -> paddle.Tensor:

@@ -18,8 +18,8 @@ from libernie.config import ErnieConfig
 from libernie.errors import CheckpointError
 from libernie.kernels import on_gpu
 from libernie.quant import BITS
-from libernie.quant.formats import describe, hf_module, module_of
-from libernie.quant.linear import QuantLinear
+from libernie.quant.formats import EMBEDDING, describe, hf_module, module_of
+from libernie.quant.linear import QuantEmbedding, QuantLinear
 from libernie.quant.packing import pack_int4_rows, unpack_int32
 
 
@@ -35,7 +35,7 @@ def load_quantized(cls, path, cfg: ErnieConfig, dtype: str | None = None):
     reader = CheckpointReader(path)
     with paddle.LazyGuard():
         model = cls(cfg)
-    layers = dict(model.named_sublayers())
+    layers = {"": model, **dict(model.named_sublayers())}    # "": the root, parent of an untied lm_head
     params = {n: p for n, p in model.named_parameters() if ".lora_" not in n}
     used: set[str] = set()
     quantized = {}
@@ -59,6 +59,9 @@ def load_quantized(cls, path, cfg: ErnieConfig, dtype: str | None = None):
     # model yet), then put the QuantLinears in.
     holders = {}
     for rule in quantized:
+        if rule.paddle == EMBEDDING:  # its float weight, never materialized, goes before any cast
+            model.ernie.embed_tokens = paddle.nn.Layer()
+            continue
         mod = module_of(rule)
         parent_name, _, attr = mod.rpartition(".")
         holder = paddle.nn.Layer()
@@ -70,6 +73,9 @@ def load_quantized(cls, path, cfg: ErnieConfig, dtype: str | None = None):
     if dtype not in (None, "float32", "fp32"):
         model.to(dtype={"bf16": "bfloat16", "fp16": "float16"}.get(dtype, dtype))
     for rule, got in quantized.items():
+        if rule.paddle == EMBEDDING:  # the lookup (and a tied head) over int8 rows, one scale per row
+            model.ernie.embed_tokens = QuantEmbedding(got["qweight"], got["scale"], dtype=model.ernie.norm.weight.dtype)
+            continue
         parent, attr, holder = holders[rule]
         n_in, n_out = rule.paddle_shape
         setattr(parent, attr, QuantLinear(method, n_in, n_out, got["group_size"], got["qweight"], got["scale"],
@@ -100,6 +106,8 @@ def read_float(reader, rule, used: set) -> np.ndarray:
 
 def _read_quantized(reader, rule, method, fmt, used) -> dict | None:
     """The runtime tensors of quantized Linear `rule`, or None when the checkpoint stores it in float."""
+    if rule.paddle == EMBEDDING:
+        return _read_embedding(reader, rule, method, fmt, used)
     if rule.kind not in (LINEAR, FUSED_LINEAR):
         return None
     n_in, n_out = rule.paddle_shape
@@ -160,6 +168,38 @@ def _read_quantized(reader, rule, method, fmt, used) -> dict | None:
     if method == "wint4":
         q = pack_int4_rows(np.ascontiguousarray(q))
     return _ints(np.ascontiguousarray(q), np.concatenate(ss, 0).T, n_in, reader.file_of(mods[0] + ".weight_scale"))
+
+
+def _read_embedding(reader, rule, method, fmt, used) -> dict | None:
+    """A wint8 token embedding: int8 [V, h] and one scale per row [V] (either layout), or None if float."""
+    v, h = rule.paddle_shape
+    if reader.layout == "paddle":
+        p = module_of(rule)
+        if p + ".quant_weight" not in reader:
+            return None
+        qw, dt = _get(reader, p + ".quant_weight", used)
+        _expect(reader, p + ".quant_weight", qw, (v, h), dt, "I8")
+        q = np.asarray(qw)
+        scale = _f32(reader, p + ".weight_scale", used).reshape(-1)
+    else:
+        m = hf_module(rule.hf[0])
+        if m + ".weight_packed" not in reader:
+            return None
+        packed, dt = _get(reader, m + ".weight_packed", used)
+        if method != "wint8" or dt != "I32":
+            raise CheckpointError(f"{reader.file_of(m + '.weight_packed')}: {m} is {dt} {method}; libernie runs a "
+                                  "quantized embedding as 8-bit integers with one scale per row")
+        if m + ".weight_shape" in reader:
+            shape = [int(x) for x in np.asarray(_get(reader, m + ".weight_shape", used)[0])]
+            if shape != [v, h]:
+                raise CheckpointError(f"{reader.file_of(m + '.weight_shape')}: {m}.weight_shape is {shape}, "
+                                      f"config.json implies {[v, h]}")
+        q = unpack_int32(np.asarray(packed), 8, h)                                   # [V, h] int8
+        scale = _f32(reader, m + ".weight_scale", used).reshape(-1)
+    if scale.size != v:
+        raise CheckpointError(f"{reader.path}: the quantized embedding has {scale.size} scales for {v} rows; "
+                              "libernie runs one scale per vocabulary row")
+    return {"qweight": paddle.to_tensor(np.ascontiguousarray(q)), "scale": paddle.to_tensor(scale), "group_size": -1}
 
 
 def _f32(reader, name, used) -> np.ndarray:

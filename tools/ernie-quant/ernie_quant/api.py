@@ -21,7 +21,7 @@ from libernie.checkpoint.side_files import copy_side_files
 from libernie.memory import peak_rss_mb
 from libernie.paths import check_writable
 from libernie.quant import BITS, DEFAULT_GROUP, FORMATS, METHODS
-from libernie.quant.formats import hf_module, module_of, quantizable, quantization_config
+from libernie.quant.formats import hf_module, is_vocab, module_of, quantizable, quantization_config
 
 from ernie_quant.errors import QuantError
 from ernie_quant.stream import Job, Source, write
@@ -40,6 +40,7 @@ class QuantSummary:
     layout: str
     group_size: int | None
     skip: list[str]
+    quantize_embeddings: bool          # the token embedding (and an untied lm_head) are wint8 per row too
     quantized: int                     # Linear weights quantized
     kept_float: list[str]              # decoder Linears left in float by --skip
     tensors: int
@@ -67,7 +68,7 @@ def quantize(method: str, model: str, out: str, *, calib: str | None = None, alg
              group_size: int | None = None, skip: tuple[str, ...] = (), fmt: str = "fastdeploy",
              eval_prefix: str | None = None, tokenizer: str | None = None, calib_samples: int = 128,
              eval_samples: int = 64, seq_len: int | None = None, max_shard_size="5GB", force: bool = False,
-             progress: Callable[[str, int, int], None] | None = None) -> QuantSummary:
+             quantize_embeddings: bool = False, progress: Callable[[str, int, int], None] | None = None) -> QuantSummary:
     """Quantize checkpoint `model` (fp32/bf16/fp16, either layout) with `method` into `out`.
 
     Args:
@@ -80,12 +81,20 @@ def quantize(method: str, model: str, out: str, *, calib: str | None = None, alg
         eval_prefix: held-out ernie-pack prefix: report perplexity of base and quantized model.
         tokenizer: tokenizer the shards must have been packed with (default: the model directory's).
         calib_samples / eval_samples: sequences used; seq_len: cut sequences to this many tokens.
+        quantize_embeddings: also quantize the token embedding and an untied lm_head (wint8 only; one scale
+            per vocabulary row, round to nearest whatever `algo` says).
         progress: progress(stage, done, total) with stage "calibrate", "write", "eval".
     Raises QuantError / CheckpointError / ConfigError / ShardFormatError: one line, nothing left in `out`.
     """
     t0 = time.perf_counter()
     model, out = os.fspath(model), os.fspath(out)
     group_size = _check_options(method, algo, fmt, calib, group_size)
+    if quantize_embeddings and method != "wint8":
+        raise QuantError(f"--quantize-embeddings works with wint8 only (one int8 scale per vocabulary row), not "
+                         f"{method}; drop it or use wint8")
+    if quantize_embeddings and fmt == "compressed-tensors":
+        raise QuantError("--quantize-embeddings is fastdeploy-only: transformers 5.23 + compressed-tensors 0.20 "
+                         "cannot load a quantized embedding; use --format fastdeploy or drop --quantize-embeddings")
     max_bytes = parse_size(max_shard_size)
     if os.path.abspath(out) == os.path.abspath(model):
         raise QuantError(f"{out}: is the input model directory; write the quantized model somewhere else")
@@ -97,6 +106,8 @@ def quantize(method: str, model: str, out: str, *, calib: str | None = None, alg
     if calib or eval_prefix:  # Paddle is imported only when there is data to run; RTN alone streams without it
         from ernie_quant import data as qdata
     chosen = _choose(src, method, group_size, tuple(skip))
+    if quantize_embeddings:
+        chosen += [r for r in rules(src.cfg) if quantizable(r, embeddings=True) and not quantizable(r)]
     # round-to-nearest integers need no data: a --calib given with them is checked but not run
     calib_ds = qdata.open_dataset(calib, src.cfg, model, tokenizer, "calibration") if calib else None
     if method != "fp8" and algo == "rtn":
@@ -127,7 +138,8 @@ def quantize(method: str, model: str, out: str, *, calib: str | None = None, alg
                                           (lambda d, t, n: progress("write", d, t)) if progress else None)
             skipped_hf = _skipped_hf(src, chosen)
             qc = quantization_config(method, fmt, algo=algo, group_size=group_size, skip=list(skip),
-                                     skipped_hf=skipped_hf, n_quantized=len(chosen), base=os.path.abspath(model))
+                                     skipped_hf=skipped_hf, n_quantized=len(chosen), base=os.path.abspath(model),
+                                     embeddings=quantize_embeddings, tied=src.cfg.tie_word_embeddings)
             out_cfg = dataclasses.replace(src.cfg, extra={**src.cfg.extra, "quantization_config": qc})
             out_cfg.save(tmp, job.layout)
     except OSError as e:
@@ -151,6 +163,7 @@ def quantize(method: str, model: str, out: str, *, calib: str | None = None, alg
     return QuantSummary(
         method=method, format=fmt, algo=algo, base=model, out=out, base_layout=src.reader.layout,
         layout=job.layout, group_size=None if method == "fp8" else group_size, skip=list(skip),
+        quantize_embeddings=quantize_embeddings,
         quantized=len(chosen), kept_float=[module_of(r) for r in all_linear if r.paddle not in job.quantized],
         tensors=len(index["weight_map"]), shards=len(set(index["weight_map"].values())),
         bytes_before=before, bytes_after=after, compression=round(before / max(after, 1), 3),
@@ -161,7 +174,7 @@ def quantize(method: str, model: str, out: str, *, calib: str | None = None, alg
         eval=report.get("eval"),
         config={"method": method, "algo": algo, "format": fmt, "group_size": group_size, "skip": list(skip),
                 "calib": calib, "eval": eval_prefix, "calib_samples": calib_samples, "eval_samples": eval_samples,
-                "seq_len": seq_len, "max_shard_size": max_shard_size})
+                "seq_len": seq_len, "max_shard_size": max_shard_size, "quantize_embeddings": quantize_embeddings})
 
 
 def _check_options(method, algo, fmt, calib, group_size) -> int:
@@ -224,7 +237,7 @@ def _calibrate(live, job: Job, ds, prefix, chosen, n, seq_len, progress, src: So
         from libernie.quant.gptq_model import gptq_model
         for b in data:
             qdata.check_ids(b, live.config.vocab_size, str(ds.path))
-        wanted = {r.paddle for r in chosen}
+        wanted = {r.paddle for r in chosen if not is_vocab(r)}  # the vocabulary matrices stay RTN, per row
         job.gptq = gptq_model(live, data, bits=BITS[job.method], group_size=job.group_size,
                               skip=lambda name: name not in wanted and f"{name}.weight" not in wanted)
         tokens = sum(int(b["input_ids"].shape[1]) for b in data)

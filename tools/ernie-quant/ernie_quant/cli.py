@@ -75,7 +75,11 @@ def _group(ctx, param, value):
               help="Input columns per scale (wint8/wint4); -1 = per output channel. Default: wint8 -1, wint4 128.")
 @click.option("--skip", multiple=True, metavar="PATTERN",
               help="Keep Linears matching this pattern (Paddle module names, e.g. 'ernie.layers.0.*', "
-                   "'*.down_proj') in float. Repeatable. Embeddings, lm_head and norms are never quantized.")
+                   "'*.down_proj') in float. Repeatable. Embeddings and lm_head stay float unless "
+                   "--quantize-embeddings; norms always do.")
+@click.option("--quantize-embeddings", is_flag=True,
+              help="Also quantize the token embedding and an untied lm_head (wint8 only): int8, one scale per "
+                   "vocabulary row. Off by default.")
 @click.option("--format", "fmt", type=click.Choice(["fastdeploy", "compressed-tensors"]), default="fastdeploy",
               show_default=True, help="fastdeploy: Paddle layout, FastDeploy names; compressed-tensors: HF layout "
                                       "that transformers (and vLLM) read.")
@@ -93,7 +97,7 @@ def _group(ctx, param, value):
 @quiet_option()
 @click.version_option(package_name="ernie-tools", prog_name="ernie-quant")
 @to_click_errors
-def cli(method, model, out, calib, algo, group_size, skip, fmt, eval_prefix, tokenizer, calib_samples,
+def cli(method, model, out, calib, algo, group_size, skip, quantize_embeddings, fmt, eval_prefix, tokenizer, calib_samples,
         eval_samples, seq_len, max_shard_size, force, quiet):
     """Quantize an ERNIE 4.5 checkpoint after training: wint8, wint4 (RTN or GPTQ) or tensor-wise fp8.
 
@@ -113,7 +117,7 @@ def cli(method, model, out, calib, algo, group_size, skip, fmt, eval_prefix, tok
         summary = api.quantize(method, model, out, calib=calib, algo=algo, group_size=group_size, skip=skip,
                                fmt=fmt, eval_prefix=eval_prefix, tokenizer=tokenizer, calib_samples=calib_samples,
                                eval_samples=eval_samples, seq_len=seq_len, max_shard_size=max_shard_size,
-                               force=force, progress=progress)
+                               force=force, quantize_embeddings=quantize_embeddings, progress=progress)
     emit_json(summary.to_json())
 
 

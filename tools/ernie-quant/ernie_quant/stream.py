@@ -3,6 +3,7 @@ in the base's shard order), quantized or passed through, and written straight in
 front (libernie.checkpoint.stream), so peak memory is about one tensor group whatever the model's size."""
 from __future__ import annotations
 
+import dataclasses
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -16,7 +17,7 @@ from libernie.checkpoint.stream import Entry, StreamingWriter, read_array, tenso
 from libernie.config import ErnieConfig
 from libernie.errors import CheckpointError, ErnieError
 from libernie.quant import BITS
-from libernie.quant.formats import QUANT_MARKERS, QuantResult, module_of, planned, tensors_for
+from libernie.quant.formats import EMBEDDING, QUANT_MARKERS, QuantResult, module_of, planned, rule_group, tensors_for
 from libernie.quant.fp8 import decode_e4m3, encode_e4m3, tensor_scale
 
 from ernie_quant.errors import QuantError
@@ -87,6 +88,9 @@ class Source:
         once. A Paddle [in, out] tensor is never transposed whole: each block is a column slice of it."""
         names = self.names(rule)
         parts = [(read_array(self.files[n], n), self.files[n].dtype(n)) for n in names]
+        if rule.paddle == EMBEDDING:                # [V, h] in both layouts: already [out, in] for the head
+            (store, dt), = parts
+            return store.shape[0], store.shape[1], lambda r0, r1: widen(store[r0:r1], dt)
         n_in, n_out = rule.paddle_shape
         if self.reader.layout == "paddle":
             store, dt = parts[0]
@@ -146,7 +150,7 @@ def float_outputs(src: Source, rule: Rule, layout: str) -> list[tuple[str, str, 
 def plan(src: Source, job: Job) -> list[Entry]:
     entries = []
     for r in src.ordered_rules():
-        outs = planned(r, job.method, job.fmt, job.group_size) if r.paddle in job.quantized \
+        outs = planned(r, job.method, job.fmt, rule_group(r, job.group_size)) if r.paddle in job.quantized \
             else float_outputs(src, r, job.layout)
         entries += [Entry(n, dt, tuple(s)) for n, dt, s in outs]
     return entries
@@ -198,7 +202,7 @@ def quantize_rule(n_out: int, n_in: int, rows, job: Job, rule: Rule) -> tuple[Qu
     rows = _finite(rows)
     step = max(16, _BLOCK_ELEMS // n_in)
     blocks = [(i, min(i + step, n_out)) for i in range(0, n_out, step)]
-    paddle_out = job.fmt == "fastdeploy"
+    paddle_out = job.fmt == "fastdeploy" and rule.paddle != EMBEDDING   # the embedding stays [V, h]
     shape = (n_in, n_out) if paddle_out else (n_out, n_in)
 
     def put(dst, r0, r1, blk):
@@ -328,10 +332,12 @@ def write(src: Source, job: Job, tmp: str, max_bytes: int, meta: dict, progress=
         for i, rule in enumerate(src.ordered_rules()):
             if rule.paddle in job.quantized:
                 try:
-                    if src.reader.layout == "paddle" and job.fmt == "fastdeploy" and job.gptq is None:
-                        res, errors[rule.paddle] = quantize_stored(*src.stored_rows(rule), job, rule)
+                    j = dataclasses.replace(job, group_size=rule_group(rule, job.group_size))
+                    if src.reader.layout == "paddle" and job.fmt == "fastdeploy" and job.gptq is None \
+                            and rule.paddle != EMBEDDING:
+                        res, errors[rule.paddle] = quantize_stored(*src.stored_rows(rule), j, rule)
                     else:
-                        res, errors[rule.paddle] = quantize_rule(*src.linear_rows(rule), job, rule)
+                        res, errors[rule.paddle] = quantize_rule(*src.linear_rows(rule), j, rule)
                 except ErnieError as e:  # e.g. non-finite weights: name the tensor and its file
                     n = src.names(rule)[0]
                     raise CheckpointError(f"{src.files[n].path}: {rule.paddle}: {e}") from None

@@ -54,8 +54,8 @@ class QuantLinear(nn.Layer):
 
 
 class QuantEmbedding(nn.Layer):
-    """Drop-in for nn.Embedding(V, h) stored as int8 rows qweight [V, h] and one F32 scale per row [V]; when
-    the embedding is tied it is also the LM head (per-output-channel scales). docs/formats/quant.md."""
+    """Drop-in for nn.Embedding(V, h) stored as int8 rows qweight [V, h] and one F32 scale per row [V]
+    (docs/formats/quant.md). When the embedding is tied it is also the LM head (per-output-channel scales)."""
 
     def __init__(self, qweight: paddle.Tensor, scale: paddle.Tensor, dtype="float32"):
         super().__init__()
@@ -79,15 +79,19 @@ def quant_embedding(ids: paddle.Tensor, layer: QuantEmbedding, dtype: str = "flo
     return rows.reshape([*ids.shape, layer.embedding_dim])
 
 
-VOCAB_BLOCK = 8192  # head rows widened at a time: 8192 x h x 4 bytes (32 MiB at h = 1024), never [V, h]
+# Head rows widened at a time: 384 x h x 4 bytes = 1.5 MiB at h = 1024 (fits L2), never [V, h]. Measured at
+# V = 103424, h = 1024 on this box (one decode step): 256-512 rows ~18-20 ms (fp32 [V, h] matmul ~20 ms);
+# 1024-8192 rows 165-187 ms (the widened block falls out of cache and Paddle's cast + GEMV slow down).
+VOCAB_BLOCK_ELEMS = 384 * 1024
 
 
 def vocab_logits(h: paddle.Tensor, weight: paddle.Tensor, scale: paddle.Tensor | None = None,
-                 block: int = VOCAB_BLOCK) -> paddle.Tensor:
+                 block: int | None = None) -> paddle.Tensor:
     """h [.., hid] @ weight[V, hid]^T (* scale[V]) -> [.., V], widening `block` vocabulary rows at a time.
 
     For a tied quantized embedding (int8 weight + row scales) or a float one stored narrower than h (bf16);
     the float32 full-precision path stays a single matmul (training needs its gradient)."""
+    block = block or max(16, VOCAB_BLOCK_ELEMS // weight.shape[1])
     outs = []
     for v0 in range(0, weight.shape[0], block):
         w = weight[v0:v0 + block].astype(h.dtype)                                  # [B, hid]
@@ -105,7 +109,22 @@ def quant_linear(x: paddle.Tensor, layer: QuantLinear) -> paddle.Tensor:
     return cpu_reference(x, layer)
 
 
-ROW_BLOCK_ELEMS = 512 * 3072  # weight elements widened at a time on CPU (6 MiB in fp32: cache-sized)
+# Weight elements widened at a time on CPU: 1.5 MiB of fp32, L2-sized. One greedy decode step of the 12-layer
+# 0.3B-width model (scripts/bench/quant.py's base) measured in-process, alternating: fp32 59 ms; wint8 with
+# 384K-element blocks 58 ms, 1.5M 67 ms, the whole matrix at once (the reference) 273 ms.
+ROW_BLOCK_ELEMS = 384 * 1024
+
+
+def warm_allocator() -> None:
+    """Allocate and free one 4 MiB tensor, once, so the per-block float copies of cpu_blocked and vocab_logits
+    (1.5 MiB each) come from the heap. glibc serves allocations above its mmap threshold (128 KiB at start)
+    with fresh mmap'd pages, page-faulted on every use, and raises the threshold to the size of the first such
+    chunk freed (dynamic threshold, up to 32 MiB). Measured, one decode step's head over a [103424, 1024] int8
+    embedding: 96-262 ms before, 19 ms after (fp32 [V, h] matmul: 20 ms). A MALLOC_MMAP_THRESHOLD_ set by the
+    user turns the dynamic threshold off; then this does nothing."""
+    buf = paddle.empty([1 << 20], dtype="float32")
+    buf.fill_(0.0)
+    del buf
 
 
 def cpu_blocked(x: paddle.Tensor, layer: QuantLinear) -> paddle.Tensor:

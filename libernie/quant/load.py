@@ -19,7 +19,7 @@ from libernie.errors import CheckpointError
 from libernie.kernels import on_gpu
 from libernie.quant import BITS
 from libernie.quant.formats import EMBEDDING, describe, hf_module, module_of
-from libernie.quant.linear import QuantEmbedding, QuantLinear
+from libernie.quant.linear import QuantEmbedding, QuantLinear, warm_allocator
 from libernie.quant.packing import pack_int4_rows, unpack_int32
 
 
@@ -80,6 +80,8 @@ def load_quantized(cls, path, cfg: ErnieConfig, dtype: str | None = None):
         n_in, n_out = rule.paddle_shape
         setattr(parent, attr, QuantLinear(method, n_in, n_out, got["group_size"], got["qweight"], got["scale"],
                                           got.get("act_scale"), bias=holder.bias))
+    if not on_gpu():
+        warm_allocator()
     model.eval()
     return model
 

@@ -79,10 +79,10 @@ def quant_embedding(ids: paddle.Tensor, layer: QuantEmbedding, dtype: str = "flo
     return rows.reshape([*ids.shape, layer.embedding_dim])
 
 
-# Head rows widened at a time: 384 x h x 4 bytes = 1.5 MiB at h = 1024 (fits L2), never [V, h]. Measured at
-# V = 103424, h = 1024 on this box (one decode step): 256-512 rows ~18-20 ms (fp32 [V, h] matmul ~20 ms);
-# 1024-8192 rows 165-187 ms (the widened block falls out of cache and Paddle's cast + GEMV slow down).
-VOCAB_BLOCK_ELEMS = 384 * 1024
+# Head rows widened at a time: 512 x h x 4 bytes = 2 MiB at h = 1024, never [V, h]. Measured (one head over
+# V = 103424, h = 1024): 256-512 rows about as fast as the fp32 [V, h] matmul (18-20 ms), 1024-8192 rows
+# 165-187 ms; in a whole decode step of the 12-layer bench model 512 rows was 2 ms faster than 384.
+VOCAB_BLOCK_ELEMS = 512 * 1024
 
 
 def vocab_logits(h: paddle.Tensor, weight: paddle.Tensor, scale: paddle.Tensor | None = None,
@@ -92,12 +92,10 @@ def vocab_logits(h: paddle.Tensor, weight: paddle.Tensor, scale: paddle.Tensor |
     For a tied quantized embedding (int8 weight + row scales) or a float one stored narrower than h (bf16);
     the float32 full-precision path stays a single matmul (training needs its gradient)."""
     block = block or max(16, VOCAB_BLOCK_ELEMS // weight.shape[1])
-    outs = []
-    for v0 in range(0, weight.shape[0], block):
-        w = weight[v0:v0 + block].astype(h.dtype)                                  # [B, hid]
-        y = paddle.matmul(h, w, transpose_y=True)                                  # [.., B]
-        outs.append(y * scale[v0:v0 + block].astype(h.dtype) if scale is not None else y)
-    return outs[0] if len(outs) == 1 else paddle.concat(outs, axis=-1)
+    outs = [paddle.matmul(h, weight[v0:v0 + block].astype(h.dtype), transpose_y=True)      # [.., B] each
+            for v0 in range(0, weight.shape[0], block)]
+    y = outs[0] if len(outs) == 1 else paddle.concat(outs, axis=-1)                      # [.., V]
+    return y * scale.astype(h.dtype) if scale is not None else y                        # per-row scale, once
 
 
 def quant_linear(x: paddle.Tensor, layer: QuantLinear) -> paddle.Tensor:
@@ -109,20 +107,22 @@ def quant_linear(x: paddle.Tensor, layer: QuantLinear) -> paddle.Tensor:
     return cpu_reference(x, layer)
 
 
-# Weight elements widened at a time on CPU: 1.5 MiB of fp32, L2-sized. One greedy decode step of the 12-layer
-# 0.3B-width model (scripts/bench/quant.py's base) measured in-process, alternating: fp32 59 ms; wint8 with
-# 384K-element blocks 58 ms, 1.5M 67 ms, the whole matrix at once (the reference) 273 ms.
-ROW_BLOCK_ELEMS = 384 * 1024
+# Weight elements widened at a time on CPU (6 MiB of fp32). One greedy decode step of the 12-layer 0.3B-width
+# model (scripts/bench/quant.py's base), in-process, configs alternating, median of 5 (load 2): fp32 52 ms;
+# wint8 + quantized embedding with 384K-element blocks 59 ms, 1.5M 50 ms, 6M 93 ms; the whole matrix at once
+# (the reference) was 273 ms in an earlier run where fp32 took 59 ms. Fewer, larger blocks also mean fewer
+# Paddle ops per step, which matters when the cores are shared.
+ROW_BLOCK_ELEMS = 512 * 3072
 
 
 def warm_allocator() -> None:
-    """Allocate and free one 4 MiB tensor, once, so the per-block float copies of cpu_blocked and vocab_logits
-    (1.5 MiB each) come from the heap. glibc serves allocations above its mmap threshold (128 KiB at start)
-    with fresh mmap'd pages, page-faulted on every use, and raises the threshold to the size of the first such
-    chunk freed (dynamic threshold, up to 32 MiB). Measured, one decode step's head over a [103424, 1024] int8
-    embedding: 96-262 ms before, 19 ms after (fp32 [V, h] matmul: 20 ms). A MALLOC_MMAP_THRESHOLD_ set by the
-    user turns the dynamic threshold off; then this does nothing."""
-    buf = paddle.empty([1 << 20], dtype="float32")
+    """Allocate and free one float32 tensor twice the largest block, once, so that the per-block float copies
+    of cpu_blocked and vocab_logits (up to 6 MiB) come from the heap. glibc serves allocations above its mmap
+    threshold (128 KiB at start) with fresh mmap'd pages, page-faulted on every use, and raises the threshold
+    to the size of an mmap'd chunk when it is freed (dynamic threshold, up to 32 MiB). Measured, one head over
+    a [103424, 1024] int8 embedding in blocks: 96-262 ms before, 19 ms after (the fp32 [V, h] matmul: 20 ms).
+    A MALLOC_MMAP_THRESHOLD_ set by the user turns the dynamic threshold off; then this does nothing."""
+    buf = paddle.empty([min(8 << 20, 2 * max(ROW_BLOCK_ELEMS, VOCAB_BLOCK_ELEMS))], dtype="float32")
     buf.fill_(0.0)
     del buf
 

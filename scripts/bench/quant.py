@@ -2,7 +2,7 @@
 model next to fp32, each against its yardstick measured in the same run.
 
     .venv/bin/python scripts/bench/quant.py [--demo demo-out] [--layers 12] [--shard 200MB] [--work out/bench-quant]
-        [--skip quality|throughput|serve ...]
+        [--skip quality|throughput|serve ...] [--serve-rounds 3]
 
 quality     on the trained demo model (the pretrained checkpoint of `make demo`) and on a larger model trained
             here once
@@ -14,9 +14,11 @@ throughput  a random bf16 base with the 0.3B widths and --layers layers in --sha
             same shards, timed in turn by farm-bench (A/B ratio of wall seconds, medians); peak RSS (VmHWM of
             ernie-quant, from its summary) against the largest shard; and `ernie-quant --help` against the
             same cp: start-up alone, which bounds the whole-process ratio from above (cp / (start-up + cp)).
-serve       ernie-serve on the same base (loaded fp32 on CPU) and on its wint8 output: the server's VmRSS once
-            healthy, parameter + buffer bytes of the loaded model (a separate process), and greedy decode tokens/s
-            of one request (64-token completion minus a 1-token one).
+serve       ernie-serve on the same base (loaded fp32 on CPU) and on its wint8 (default, and with
+            --quantize-embeddings) and fp8 outputs: parameter + buffer bytes of the loaded model (a separate
+            process), each server's VmRSS once healthy (all servers up at once), and greedy decode tokens/s of one
+            request (64-token completion minus a 1-token one), the servers answering in turn for --serve-rounds
+            rounds; ratios against the same round's fp32, medians.
 """
 import argparse
 import json
@@ -96,18 +98,19 @@ def quality(name: str, model: str, demo: str, work: str) -> list[dict]:
     gs = next(g for g in (128, 64, 32, 16, 8) if cfg.hidden_size % g == 0 and cfg.intermediate_size % g == 0
               and cfg.q_size % g == 0)
     calib = ["--calib", f"{demo}/data/pt-train"]
-    runs = [("wint8", []), ("fp8", calib)]
+    runs = [("wint8", []), ("wint8", ["--quantize-embeddings"]), ("fp8", calib)]
     for g in (str(gs), "-1"):   # groups, then per channel (coarser: where GPTQ has more to recover)
         runs.append(("wint4", ["--group-size", g]))
         if have_gptq():
             runs.append(("wint4", ["--group-size", g, "--algo", "gptq", *calib]))
     rows = []
     for method, extra in runs:
-        out = os.path.join(work, f"{name}-{method}")
+        out = os.path.join(work, f"{name}-{method}" + ("-emb" if "--quantize-embeddings" in extra else ""))
         s = run_json([QUANT, method, "-q", "--model", model, "-o", out, "--force", "--eval", f"{demo}/data/pt-valid",
                       "--eval-samples", "64", "--calib-samples", "64", *extra])
         e = s["eval"]
         rows.append({"model": name, "method": method, "algo": s["algo"], "group_size": s["group_size"],
+                     "quantize_embeddings": s.get("quantize_embeddings", False),
                      "base_ppl": round(e["base_ppl"], 4), "quant_ppl": round(e["quant_ppl"], 4),
                      "ppl_increase_pct": round(e["ppl_delta_pct"], 3), "eval_tokens": e["tokens"],
                      "max_layer_error": s["max_layer_error"], "compression": s["compression"]})
@@ -182,56 +185,95 @@ def _rss_mb(pid: int) -> float:
         return int(next(l for l in f if l.startswith("VmRSS:")).split()[1]) / 1024
 
 
-def serve_one(model: str, tokenizer: str, tokens: int = 64) -> dict:
-    """ernie-serve MODEL on a free port: VmRSS once healthy, then greedy decode tokens/s of one request
-    (warm-up request first; time of a `tokens`-token completion minus a 1-token one, i.e. decode steps only)."""
-    import socket
-    import urllib.request
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    sock.close()
-    proc = subprocess.Popen([os.path.join(BIN, "ernie-serve"), model, "--port", str(port), "-q",
-                             "--tokenizer", tokenizer], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(600):
-            if proc.poll() is not None:
-                raise SystemExit(f"ernie-serve {model} exited: {proc.stderr.read().decode()[-2000:]}")
+class Served:
+    """An ernie-serve subprocess on a free port: VmRSS once healthy, then timed greedy completions."""
+
+    def __init__(self, model: str, tokenizer: str):
+        import socket
+        import urllib.request
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+        sock.close()
+        self.proc = subprocess.Popen([os.path.join(BIN, "ernie-serve"), model, "--port", str(port), "-q",
+                                      "--tokenizer", tokenizer], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self.url = f"http://127.0.0.1:{port}"
+        for _ in range(1200):
+            if self.proc.poll() is not None:
+                raise SystemExit(f"ernie-serve {model} exited: {self.proc.stderr.read().decode()[-2000:]}")
             try:
-                urllib.request.urlopen(url + "/health", timeout=1)
+                urllib.request.urlopen(self.url + "/health", timeout=1)
                 break
             except OSError:
                 time.sleep(0.2)
-        rss = _rss_mb(proc.pid)
+        self.rss_mb = round(_rss_mb(self.proc.pid), 1)
+        self.complete(4)                                                     # warm-up
 
-        def complete(n: int) -> float:
-            body = json.dumps({"prompt": "The river is wide and the bridge is old", "max_tokens": n,
-                               "temperature": 0, "ignore_eos": True}).encode()
-            req = urllib.request.Request(url + "/v1/completions", body, {"Content-Type": "application/json"})
-            t = time.perf_counter()
-            json.load(urllib.request.urlopen(req, timeout=600))
-            return time.perf_counter() - t
-        complete(4)
-        one = min(complete(1) for _ in range(2))
-        full = min(complete(tokens) for _ in range(2))
-        return {"rss_mb": round(rss, 1), "decode_tok_s": round((tokens - 1) / (full - one), 2)}
-    finally:
-        proc.terminate()
-        proc.wait()
+    def complete(self, n: int) -> float:
+        import urllib.request
+        body = json.dumps({"prompt": "The river is wide and the bridge is old", "max_tokens": n,
+                           "temperature": 0, "ignore_eos": True}).encode()
+        req = urllib.request.Request(self.url + "/v1/completions", body, {"Content-Type": "application/json"})
+        t = time.perf_counter()
+        json.load(urllib.request.urlopen(req, timeout=600))
+        return time.perf_counter() - t
+
+    def stop(self):
+        self.proc.terminate()
+        self.proc.wait()
 
 
-def serve(work: str, layers: int, tokenizer: str) -> dict:
+SERVE_CONFIGS = [  # name, ernie-quant arguments (None: the float base itself)
+    ("fp32", None),
+    ("wint8", ["wint8"]),
+    ("wint8-emb", ["wint8", "--quantize-embeddings"]),
+    ("fp8", ["fp8", "--calib-samples", "4"]),
+]
+
+
+def serve(work: str, layers: int, shard: str, demo: str, rounds: int = 3, tokens: int = 64) -> dict:
+    """Each config's weight bytes (a separate process); then one server per config, all up at once (VmRSS of
+    each once healthy), and `rounds` rounds in which every server in turn answers a 1-token and a `tokens`-token
+    greedy completion: decode tokens/s = (tokens - 1) / (t_tokens - t_1). Alternating request by request, so
+    load changes hit every config alike; ratios are taken within a round against fp32, reported as medians."""
     base = os.path.join(work, f"base-{layers}")
-    w8 = os.path.join(work, "dst-w8")
-    res = {}
-    for name, path in (("fp32", base), ("wint8", w8)):
-        res[name] = {**run_json([PY, "-c", WEIGHTS_SIDE, path]), **serve_one(path, tokenizer)}
-        print(json.dumps({name: res[name]}), flush=True)
-    res["weight_bytes_ratio"] = round(res["wint8"]["weight_bytes"] / res["fp32"]["weight_bytes"], 3)
-    res["rss_ratio"] = round(res["wint8"]["rss_mb"] / res["fp32"]["rss_mb"], 3)
-    res["decode_tok_s_ratio"] = round(res["wint8"]["decode_tok_s"] / res["fp32"]["decode_tok_s"], 3)
-    print(json.dumps(res), flush=True)
+    build_base(base, layers, shard)
+    tokenizer = os.path.join(demo, "tokenizer")
+    calib = ["--calib", f"{demo}/data/pt-valid"]  # token ids < 2048 fit the 103424 vocabulary
+    paths = {}
+    for name, args in SERVE_CONFIGS:
+        if args is None:
+            paths[name] = base
+            continue
+        paths[name] = os.path.join(work, f"serve-{name}")
+        run_json([QUANT, *args, "-q", "--force", "--model", base, "-o", paths[name],
+                  *(calib if args[0] == "fp8" else [])])
+    res = {name: {**run_json([PY, "-c", WEIGHTS_SIDE, p]), "decode_tok_s": []} for name, p in paths.items()}
+    servers = {}
+    try:
+        for name, p in paths.items():
+            servers[name] = Served(p, tokenizer)
+            res[name]["rss_mb"] = servers[name].rss_mb
+        with open("/proc/loadavg") as f:
+            res["loadavg_start"] = f.read().split()[:3]
+        for r in range(rounds):
+            for name, srv in servers.items():
+                one, full = srv.complete(1), srv.complete(tokens)
+                res[name]["decode_tok_s"].append(round((tokens - 1) / (full - one), 2))
+            print(json.dumps({"round": r, **{n: res[n]["decode_tok_s"][-1] for n in servers}}), flush=True)
+        with open("/proc/loadavg") as f:
+            res["loadavg_end"] = f.read().split()[:3]
+    finally:
+        for srv in servers.values():
+            srv.stop()
+    fp = res["fp32"]
+    for name in paths:
+        row = res[name]
+        row["weight_bytes_ratio"] = round(row["weight_bytes"] / fp["weight_bytes"], 3)
+        row["rss_ratio"] = round(row["rss_mb"] / fp["rss_mb"], 3)
+        row["decode_ratio"] = round(float(np.median([a / b for a, b in zip(row["decode_tok_s"],
+                                                                             fp["decode_tok_s"])])), 3)
+        print(json.dumps({name: row}), flush=True)
     return res
 
 
@@ -242,6 +284,7 @@ def main():
     ap.add_argument("--layers", type=int, default=12)
     ap.add_argument("--shard", default="200MB")
     ap.add_argument("--skip", action="append", default=[], choices=["quality", "throughput", "serve"])
+    ap.add_argument("--serve-rounds", type=int, default=3, help="alternating rounds of the serve section")
     a = ap.parse_args()
     os.makedirs(a.work, exist_ok=True)
     if not os.path.isdir(os.path.join(a.demo, "chat-model")):
@@ -256,7 +299,7 @@ def main():
     if "throughput" not in a.skip:
         report["throughput"] = throughput(a.work, a.layers, a.shard, a.demo)
     if "serve" not in a.skip:
-        report["serve"] = serve(a.work, a.layers, os.path.join(a.demo, "tokenizer"))
+        report["serve"] = serve(a.work, a.layers, a.shard, a.demo, a.serve_rounds)
     print(json.dumps(report, indent=1))
 
 

@@ -73,3 +73,31 @@ setup() {
   assert_success
   assert_output 6
 }
+
+@test "ernie-quant wint8 --quantize-embeddings | jq, then ernie-serve answers from the int8 embedding" {
+  ernie-quant wint8 -q --model "$FIXTURES/base" -o w8 >w8.json
+  run --separate-stderr bats_pipe ernie-quant wint8 -q --quantize-embeddings --model "$FIXTURES/base" -o w8e \
+    \| jq -r --argjson w8 "$(jq .bytes_after w8.json)" '[.quantize_embeddings, .quantized, (.bytes_after < $w8)] | @tsv'
+  assert_success
+  assert_output $'true\t9\ttrue'
+  run jq -r '.quantization_config.ernie_tools.quantize_embeddings' w8e/config.json
+  assert_output true
+  port="$(python -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
+  ernie-serve w8e --port "$port" -q --max-model-len 128 >serve.out 2>serve.err 3>&- &
+  pid=$!
+  wait_healthy "http://127.0.0.1:$port"
+  run --separate-stderr bats_pipe curl -s "http://127.0.0.1:$port/v1/completions" -H 'Content-Type: application/json' \
+    -d '{"prompt": "The river", "max_tokens": 5, "temperature": 0, "ignore_eos": true}' \| jq -r '.usage.completion_tokens'
+  kill -TERM "$pid"
+  wait "$pid" || true
+  assert_success
+  assert_output 5
+}
+
+@test "--quantize-embeddings with wint4 is one line, exit 1, no output directory" {
+  run --separate-stderr ernie-quant wint4 --quantize-embeddings --model "$FIXTURES/base" -o w4
+  assert_failure 1
+  assert_stderr --regexp '^Error: --quantize-embeddings works with wint8 only'
+  assert_equal "$(printf '%s\n' "$stderr" | wc -l)" 1
+  assert [ ! -e w4 ]
+}

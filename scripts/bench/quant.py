@@ -18,7 +18,8 @@ serve       ernie-serve on the same base (loaded fp32 on CPU) and on its wint8 (
             --quantize-embeddings) and fp8 outputs: parameter + buffer bytes of the loaded model (a separate
             process), each server's VmRSS once healthy (all servers up at once), and greedy decode tokens/s of one
             request (64-token completion minus a 1-token one), the servers answering in turn for --serve-rounds
-            rounds; ratios against the same round's fp32, medians.
+            rounds; ratios against the same round's fp32, medians. Then the decode step of every config in one
+            process (no HTTP), configs alternating for --serve-rounds rounds.
 """
 import argparse
 import json
@@ -231,6 +232,42 @@ SERVE_CONFIGS = [  # name, ernie-quant arguments (None: the float base itself)
 ]
 
 
+DECODE_SIDE = r"""
+import json, sys, time
+import numpy as np, paddle
+from libernie.model import ErnieForCausalLM
+rounds, paths = int(sys.argv[1]), dict(a.split("=", 1) for a in sys.argv[2:])
+models = {n: ErnieForCausalLM.from_pretrained(p) for n, p in paths.items()}
+ids = paddle.to_tensor([[5, 9, 1, 33, 2, 60, 7, 7]])
+
+@paddle.no_grad()
+def step_seconds(m, n=16):
+    cache = m.new_cache()
+    tok = paddle.argmax(m(ids, cache=cache, logits_to_keep=1).logits[:, -1], -1, keepdim=True)
+    t = time.perf_counter()
+    for _ in range(n):
+        tok = paddle.argmax(m(tok, cache=cache, logits_to_keep=1).logits[:, -1], -1, keepdim=True)
+    return (time.perf_counter() - t) / n
+
+res = {n: [] for n in models}
+for _ in range(rounds):
+    for n, m in models.items():
+        res[n].append(round(1e3 * step_seconds(m), 2))
+print(json.dumps(res))
+"""
+
+
+def decode_in_process(paths: dict, rounds: int) -> dict:
+    """Greedy decode step (ms, batch 1, 16 steps after an 8-token prompt) of every config loaded in ONE process,
+    configs alternating round by round: the model's own cost without HTTP, threads and scheduling."""
+    res = run_json([PY, "-c", DECODE_SIDE, str(rounds), *[f"{n}={p}" for n, p in paths.items()]])
+    out = {"step_ms": res}
+    for n, v in res.items():
+        out[n] = {"median_step_ms": float(np.median(v)),
+                  "speed_ratio_vs_fp32": round(float(np.median([b / a for a, b in zip(v, res["fp32"])])), 3)}
+    return out
+
+
 def serve(work: str, layers: int, shard: str, demo: str, rounds: int = 3, tokens: int = 64) -> dict:
     """Each config's weight bytes (a separate process); then one server per config, all up at once (VmRSS of
     each once healthy), and `rounds` rounds in which every server in turn answers a 1-token and a `tokens`-token
@@ -266,6 +303,8 @@ def serve(work: str, layers: int, shard: str, demo: str, rounds: int = 3, tokens
     finally:
         for srv in servers.values():
             srv.stop()
+    res["in_process"] = decode_in_process(paths, rounds)
+    print(json.dumps({"in_process": res["in_process"]}), flush=True)
     fp = res["fp32"]
     for name in paths:
         row = res[name]

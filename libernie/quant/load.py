@@ -74,7 +74,8 @@ def load_quantized(cls, path, cfg: ErnieConfig, dtype: str | None = None):
         model.to(dtype={"bf16": "bfloat16", "fp16": "float16"}.get(dtype, dtype))
     for rule, got in quantized.items():
         if rule.paddle == EMBEDDING:  # the lookup (and a tied head) over int8 rows, one scale per row
-            model.ernie.embed_tokens = QuantEmbedding(got["qweight"], got["scale"], dtype=model.ernie.norm.weight.dtype)
+            model.ernie.embed_tokens = QuantEmbedding(got["qweight"], got["scale"],
+                                                      dtype=model.ernie.norm.weight.dtype)
             continue
         parent, attr, holder = holders[rule]
         n_in, n_out = rule.paddle_shape

@@ -68,7 +68,8 @@ def quantize(method: str, model: str, out: str, *, calib: str | None = None, alg
              group_size: int | None = None, skip: tuple[str, ...] = (), fmt: str = "fastdeploy",
              eval_prefix: str | None = None, tokenizer: str | None = None, calib_samples: int = 128,
              eval_samples: int = 64, seq_len: int | None = None, max_shard_size="5GB", force: bool = False,
-             quantize_embeddings: bool = False, progress: Callable[[str, int, int], None] | None = None) -> QuantSummary:
+             quantize_embeddings: bool = False,
+             progress: Callable[[str, int, int], None] | None = None) -> QuantSummary:
     """Quantize checkpoint `model` (fp32/bf16/fp16, either layout) with `method` into `out`.
 
     Args:

@@ -97,8 +97,8 @@ def _group(ctx, param, value):
 @quiet_option()
 @click.version_option(package_name="ernie-tools", prog_name="ernie-quant")
 @to_click_errors
-def cli(method, model, out, calib, algo, group_size, skip, quantize_embeddings, fmt, eval_prefix, tokenizer, calib_samples,
-        eval_samples, seq_len, max_shard_size, force, quiet):
+def cli(method, model, out, calib, algo, group_size, skip, quantize_embeddings, fmt, eval_prefix, tokenizer,
+        calib_samples, eval_samples, seq_len, max_shard_size, force, quiet):
     """Quantize an ERNIE 4.5 checkpoint after training: wint8, wint4 (RTN or GPTQ) or tensor-wise fp8.
 
     \b

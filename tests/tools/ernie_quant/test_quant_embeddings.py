@@ -110,3 +110,20 @@ def test_combinations_that_cannot_are_refused_in_one_line(assets, tmp_path, args
     args = [str(assets / "calib") if a == "CALIB" else a for a in args]
     res = CliRunner().invoke(cli, [*args, "--quantize-embeddings", "--model", str(assets / "base"), "-o", out])
     check_error(res, out, needle)
+
+
+def test_gptq_leaves_the_vocabulary_matrices_to_per_row_rtn(assets, untied, tmp_path):
+    out = tmp_path / "g8e"
+    s = quantize("wint8", str(untied), str(out), algo="gptq", calib=str(assets / "calib"), calib_samples=8,
+                 quantize_embeddings=True)
+    assert s.algo == "gptq" and s.quantized == 8 + 2
+    reader = CheckpointReader(out)
+    base = ErnieForCausalLM.from_pretrained(untied)
+    head = base.lm_head.weight.numpy().T                                               # [V, h] = [out, in]
+    q, _ = reader.get("lm_head.quant_weight")                                          # [h, V]
+    np.testing.assert_array_equal(np.asarray(q).T, rtn_quantize_reference(head, 8, -1)[0])
+    q, _ = reader.get("ernie.embed_tokens.quant_weight")
+    emb = base.ernie.embed_tokens.weight.numpy()
+    np.testing.assert_array_equal(np.asarray(q), rtn_quantize_reference(emb, 8, -1)[0])
+    model = ErnieForCausalLM.from_pretrained(out)
+    np.testing.assert_allclose(logits(model), reference(untied, model), rtol=1e-4, atol=1e-4)

@@ -74,13 +74,17 @@ def test_blockwise_head_equals_the_dequantized_matmul(block):
     assert got.shape == (2, 3, 50)
 
 
-def _linear(method, n_in, n_out, seed=0, bias=False):
+def _linear(method, n_in, n_out, seed=0, bias=False, gs=-1):
     rng = np.random.default_rng(seed)
     w = rng.standard_normal((n_out, n_in)).astype(np.float32)                        # [out, in]
-    if method == "wint8":
-        q, s = rtn_quantize_reference(w, 8, -1)
-        args = (paddle.to_tensor(np.ascontiguousarray(q.T)), paddle.to_tensor(s.T.copy()))   # [in, out], [1, out]
-        act = None
+    act = None
+    if method in ("wint8", "wint4"):
+        from libernie.quant.packing import pack_int4_rows
+        q, s = rtn_quantize_reference(w, 8 if method == "wint8" else 4, gs)           # [out, in], [out, G]
+        qt = np.ascontiguousarray(q.T)                                                # [in, out]
+        if method == "wint4":
+            qt = pack_int4_rows(qt)                                                   # [in/2, out]
+        args = (paddle.to_tensor(qt), paddle.to_tensor(np.ascontiguousarray(s.T)))    # scale [G, out]
     else:
         from libernie.quant.fp8 import encode_e4m3, tensor_scale
         sc = tensor_scale(float(np.abs(w).max()))
@@ -89,15 +93,17 @@ def _linear(method, n_in, n_out, seed=0, bias=False):
                 paddle.to_tensor(np.full((1, n_out), sc, np.float32)))
         act = paddle.to_tensor(np.array([0.02], np.float32))
     b = paddle.to_tensor(rng.standard_normal(n_out).astype(np.float32)) if bias else None
-    return QuantLinear(method, n_in, n_out, -1, *args, act_scale=act, bias=b)
+    return QuantLinear(method, n_in, n_out, gs, *args, act_scale=act, bias=b)
 
 
-@pytest.mark.parametrize("method,n_in,n_out,bias", [("wint8", 96, 40, False), ("wint8", 100, 2048, True),
-                                                    ("fp8", 96, 40, True)])
-def test_blocked_matmul_equals_the_dequantize_reference(monkeypatch, method, n_in, n_out, bias):
+@pytest.mark.parametrize("method,n_in,n_out,bias,gs", [
+    ("wint8", 96, 40, False, -1), ("wint8", 100, 2048, True, -1), ("fp8", 96, 40, True, -1),
+    ("wint4", 96, 40, True, -1), ("wint4", 96, 40, False, 16), ("wint8", 96, 40, True, 8), ("wint4", 128, 48, False, 32)])
+def test_blocked_matmul_equals_the_dequantize_reference(monkeypatch, method, n_in, n_out, bias, gs):
     import libernie.quant.linear as L
     monkeypatch.setattr(L, "ROW_BLOCK_ELEMS", 16 * n_out)      # 16 input rows a block: several, the last ragged
-    layer = _linear(method, n_in, n_out, bias=bias)
+    layer = _linear(method, n_in, n_out, bias=bias, gs=gs)
     x = paddle.to_tensor(np.random.default_rng(2).standard_normal((2, 5, n_in)).astype(np.float32))
-    np.testing.assert_allclose(cpu_blocked(x, layer).numpy(), cpu_reference(x, layer).numpy(), rtol=1e-5, atol=1e-4)
-    assert layer(x).shape == [2, 5, n_out]                     # the dispatch point takes the blocked path on CPU
+    want = cpu_reference(x, layer).numpy()
+    np.testing.assert_allclose(cpu_blocked(x, layer).numpy(), want, rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(layer(x).numpy(), want, rtol=1e-5, atol=1e-4)   # the CPU dispatch takes it

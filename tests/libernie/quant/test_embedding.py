@@ -98,7 +98,8 @@ def _linear(method, n_in, n_out, seed=0, bias=False, gs=-1):
 
 @pytest.mark.parametrize("method,n_in,n_out,bias,gs", [
     ("wint8", 96, 40, False, -1), ("wint8", 100, 2048, True, -1), ("fp8", 96, 40, True, -1),
-    ("wint4", 96, 40, True, -1), ("wint4", 96, 40, False, 16), ("wint8", 96, 40, True, 8), ("wint4", 128, 48, False, 32)])
+    ("wint4", 96, 40, True, -1), ("wint4", 96, 40, False, 16), ("wint8", 96, 40, True, 8),
+    ("wint4", 128, 48, False, 32)])
 def test_blocked_matmul_equals_the_dequantize_reference(monkeypatch, method, n_in, n_out, bias, gs):
     import libernie.quant.linear as L
     monkeypatch.setattr(L, "ROW_BLOCK_ELEMS", 16 * n_out)      # 16 input rows a block: several, the last ragged

@@ -34,6 +34,7 @@ def _store(n_in, n_out, seed, dtype):
 def test_stored_orientation_gives_the_same_bytes(monkeypatch, method, group_size, threads, storage):
     monkeypatch.setenv("OMP_NUM_THREADS", threads)
     monkeypatch.setattr(stream, "_BLOCK_ELEMS", 3000)                 # many blocks, a ragged last one
+    monkeypatch.setattr(stream, "_BITS_BLOCK", 5000)                  # the bits pass too
     n_in, n_out = 448, 136
     store, dt = _store(n_in, n_out, len(method) + group_size, storage)
     job = Job(method, "fastdeploy", group_size, {RULE.paddle}, act_amax={"x": 1.0})
@@ -62,3 +63,11 @@ def test_stored_orientation_refuses_non_finite_weights(method, group_size, stora
     job = Job(method, "fastdeploy", group_size, {RULE.paddle}, act_amax={})
     with pytest.raises(QuantError, match="non-finite"):
         quantize_stored(store, dt, job, RULE)
+
+
+@pytest.mark.parametrize("threads", ["1", "2", "3"])
+def test_block_map_keeps_every_result_in_order(monkeypatch, threads):
+    # the pool takes runs of consecutive blocks; results must come back one per block, in block order
+    monkeypatch.setenv("OMP_NUM_THREADS", threads)
+    for n in (0, 1, 2, 7, 8, 9, 25, 101):
+        assert stream._map(lambda x: (x, x * x), list(range(n))) == [(x, x * x) for x in range(n)]

@@ -71,3 +71,20 @@ def test_block_map_keeps_every_result_in_order(monkeypatch, threads):
     monkeypatch.setenv("OMP_NUM_THREADS", threads)
     for n in (0, 1, 2, 7, 8, 9, 25, 101):
         assert stream._map(lambda x: (x, x * x), list(range(n))) == [(x, x * x) for x in range(n)]
+
+
+@pytest.mark.parametrize("base", ["base", "base-hf"])
+def test_round_to_nearest_never_imports_paddle(assets, base, tmp_path):
+    # RTN streams with numpy alone: a fresh interpreter running the CLI's code path must not load paddle (300 MiB,
+    # ~1 s), nor rich or sentencepiece (progress bar and tokenizer: not needed without a terminal or data)
+    import subprocess
+    import sys
+    argv = ["ernie-quant", "wint4", "-q", "--group-size", "16", "--model", str(assets / base), "-o",
+            str(tmp_path / "out")]
+    code = (f"import sys\nfrom ernie_quant.cli import main\nsys.argv = {argv!r}\n"
+            "try:\n    main()\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
+            "print(sorted(m for m in ('paddle', 'rich', 'sentencepiece') if m in sys.modules))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip().splitlines()[-1] == "[]"
+    assert (tmp_path / "out" / "config.json").exists()

@@ -5,7 +5,6 @@ thread unless OMP_NUM_THREADS is set: together they cost 3-6x in matmul throughp
 130 GFLOP/s measured on a 2-core dev box). We only fill in what the user has not set.
 """
 import contextlib
-import importlib.abc
 import io
 import os
 import sys
@@ -40,10 +39,12 @@ def _cpu_count() -> int:
 _OMP_NAG = ("WARNING: OMP_NUM_THREADS set to", "PLEASE USE OMP_NUM_THREADS WISELY")
 
 
-class _QuietPaddleImport(importlib.abc.MetaPathFinder):
+class _QuietPaddleImport:
     """Paddle prints a data-parallel warning to stderr on import whenever OMP_NUM_THREADS > 1, which is
     exactly what we set. Our tools keep stderr for their own progress, so drop those two lines (and
-    only those) while `paddle` is first imported."""
+    only those) while `paddle` is first imported.
+    A meta path finder by protocol (find_spec), not a subclass of importlib.abc.MetaPathFinder: importing
+    importlib.abc pulls in importlib.resources, tempfile and shutil, 3-4 ms of every tool's start-up."""
 
     def find_spec(self, name, path=None, target=None):
         if name != "paddle":
@@ -60,7 +61,9 @@ class _QuietPaddleImport(importlib.abc.MetaPathFinder):
         return spec
 
 
-class _QuietLoader(importlib.abc.Loader):
+class _QuietLoader:
+    """A loader (the protocol: create_module, exec_module) wrapping paddle's own."""
+
     def __init__(self, inner):
         self.inner = inner
 

@@ -94,9 +94,13 @@ def group_scale(amax: np.ndarray, bits: int) -> np.ndarray:
     return _scale(np.asarray(amax, np.float32), QMAX[bits])
 
 
-def round_to_grid(w: np.ndarray, scale: np.ndarray, bits: int) -> np.ndarray:
+def round_to_grid(w: np.ndarray, scale: np.ndarray, bits: int, clip: bool = True) -> np.ndarray:
     """float32 w, float32 scale broadcastable to w -> clip(rint(w / scale)) as float32 exact integers, equal
-    to the float64 rule (see rtn_quantize): a float32 quotient, redone in float64 within _TIE_BAND of a .5."""
+    to the float64 rule (see rtn_quantize): a float32 quotient, redone in float64 within _TIE_BAND of a .5.
+
+    clip=False skips the clip where the caller knows it cannot bind: when each scale is group_scale of the
+    amax of the very values it divides, |w| <= amax and scale >= (amax / qmax)(1 - 2^-24) give
+    |w / scale| <= qmax + 2^-17 in float64 and at most one float32 ulp more, so rint stays within +-qmax."""
     qmax = QMAX[bits]
     t = w / scale                                                               # float32, w's shape
     r = np.rint(t)
@@ -106,7 +110,8 @@ def round_to_grid(w: np.ndarray, scale: np.ndarray, bits: int) -> np.ndarray:
     if near.size:                                                               # redo these in float64
         at = np.unravel_index(near, w.shape)
         r[at] = np.rint(w[at].astype(np.float64) / np.broadcast_to(scale, w.shape)[at].astype(np.float64))
-    np.clip(r, -qmax - 1, qmax, out=r)
+    if clip:
+        np.clip(r, -qmax - 1, qmax, out=r)
     return r
 
 

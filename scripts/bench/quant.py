@@ -9,11 +9,15 @@ quality     on the trained demo model (the pretrained checkpoint of `make demo`)
             (hidden 256, 4 layers, ernie-train pretrain on the demo's packed corpus, cached in WORK): ernie-quant
             wint8 (RTN), fp8, and wint4 RTN and GPTQ (when libernie.quant.gptq_model is present), in groups and
             per channel, with --eval on the held-out split: held-out perplexity of base and quantized, increase.
-throughput  a random bf16 base with the 0.3B widths and --layers layers in --shard shards: `ernie-quant wint8`
-            and `ernie-quant fp8 --calib` (its write pass: the summary's write_seconds) against `cp -r` of the
-            same shards, timed in turn by farm-bench (A/B ratio of wall seconds, medians); peak RSS (VmHWM of
-            ernie-quant, from its summary) against the largest shard; and `ernie-quant --help` against the
-            same cp: start-up alone, which bounds the whole-process ratio from above (cp / (start-up + cp)).
+throughput  random bf16 bases (Paddle layout): the continuity row (0.3B widths, --layers layers, --shard shards),
+            then --scale configurations (the real 0.3B; ERNIE-4.5-21B-A3B widths growing in layers and in
+            shard size, up to 4 GB shards): `ernie-quant wint8`, `wint4` (RTN) and `fp8 --calib` each against
+            `cp -r` of the same shards, run in turn (A B A B ..., --runs pairs after a warm-up pair; ratio per
+            pair, median), whole process; for fp8 also its write pass alone (the summary's write_seconds)
+            against the cp of its pair; peak RSS (VmHWM, from the summary) against the largest shard; the
+            load average before and after. On the continuity base also `ernie-quant --help` against the same
+            cp (start-up alone: the whole-process ratio is at most cp / (start-up + cp)) and the peak RSS of
+            `import libernie, paddle` (the fixed memory floor of fp8's calibration).
 serve       ernie-serve on the same base (loaded fp32 on CPU) and on its wint8 (default, and with
             --quantize-embeddings) and fp8 outputs: parameter + buffer bytes of the loaded model (a separate
             process), each server's VmRSS once healthy (all servers up at once), and greedy decode tokens/s of one
@@ -24,7 +28,6 @@ serve       ernie-serve on the same base (loaded fp32 on CPU) and on its wint8 (
 import argparse
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -119,65 +122,150 @@ def quality(name: str, model: str, demo: str, work: str) -> list[dict]:
     return rows
 
 
-# ---- throughput -----------------------------------------------------------------------------------------
-def build_base(path: str, layers: int, shard: str) -> None:
+# ---- throughput ---------------------------------------------------------------------------------------
+# Widths of the bases the throughput section builds (random bf16 weights, Paddle layout, tied embedding, the real
+# 103,424-token vocabulary): the 0.3B's, and the dense layer and MoE layer of ERNIE-4.5-21B-A3B (FACTS).
+WIDTHS = {
+    "0.3b": {},
+    "21b-dense": {"hidden_size": 2560, "intermediate_size": 12288, "num_attention_heads": 20,
+                  "num_key_value_heads": 4, "head_dim": 128},
+    "21b-moe": {"hidden_size": 2560, "intermediate_size": 12288, "num_attention_heads": 20, "num_key_value_heads": 4,
+                "head_dim": 128, "moe_num_experts": 64, "moe_k": 6, "moe_intermediate_size": 1536,
+                "moe_num_shared_experts": 2, "moe_layer_start_index": 1},
+}
+# The scaling configurations (WIDTHS:LAYERS:SHARD): the real 0.3B (18 layers) at the default --max-shard-size
+# (save_pretrained's 5GB: one shard), then the 21B-A3B dense width growing at 1 GB shards, the same model in one
+# shard (growing shard), a 4 GB model in one 4 GB shard (the size real ERNIE 4.5 checkpoints ship), and the real
+# 21B-A3B's first layers (one dense, two MoE of 64 experts + 2 shared) in 5 GB shards.
+SCALE = ["0.3b:18:5GB", "21b-dense:4:1GB", "21b-dense:8:1GB", "21b-dense:8:5GB", "21b-dense:16:5GB",
+         "21b-moe:3:5GB"]
+
+
+def build_base(path: str, layers: int, shard: str, widths: str = "0.3b") -> None:
     if os.path.exists(os.path.join(path, "config.json")):
         return
-    cfg = ErnieConfig(num_hidden_layers=layers, tie_word_embeddings=True)
+    cfg = ErnieConfig(num_hidden_layers=layers, tie_word_embeddings=True, **WIDTHS[widths])
     rng = np.random.default_rng(0)
-    os.makedirs(path, exist_ok=True)
-    writer = ShardedWriter(path, parse_size(shard), {"format": "np"})
+    os.makedirs(path + ".partial", exist_ok=True)
+    writer = ShardedWriter(path + ".partial", parse_size(shard), {"format": "np"})
     for rule in rules(cfg):
-        w = rng.standard_normal(rule.paddle_shape, dtype=np.float32) * 0.02
-        writer.add(rule.paddle, from_float32(1.0 + w if "norm" in rule.paddle else w, "BF16"), "BF16")
+        w = rng.standard_normal(rule.paddle_shape, dtype=np.float32)
+        w *= 0.02
+        if "norm" in rule.paddle:
+            w += 1.0
+        writer.add(rule.paddle, from_float32(w, "BF16"), "BF16")
+        del w
     writer.close()
-    cfg.save(path, "paddle")
+    cfg.save(path + ".partial", "paddle")
+    os.replace(path + ".partial", path)
 
 
-def farm(a: list[str], b: str, runs: int, timeout: int) -> tuple[str, float]:
-    cmd = ["farm-bench", "-n", str(runs), "--timeout", str(timeout), "--vs", b, "--", *a]
-    r = subprocess.run(cmd, capture_output=True, text=True)
-    text = r.stdout + r.stderr
-    m = re.search(r"^A/B wall\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)", text, re.M)
-    return text, float(m.group(2)) if m else float("nan")
-
-
-def throughput(work: str, layers: int, shard: str, demo: str) -> dict:
-    base = os.path.join(work, f"base-{layers}")
-    build_base(base, layers, shard)
-    shards = [os.path.join(base, f) for f in os.listdir(base) if f.endswith(".safetensors")]
-    total = sum(os.path.getsize(p) for p in shards)
-    largest = max(os.path.getsize(p) for p in shards)
-    for p in shards:  # page cache warm for every command alike
+def _warm(paths: list[str]) -> None:
+    for p in paths:  # page cache warm for every command alike
         with open(p, "rb") as f:
             while f.read(64 << 20):
                 pass
-    dst = os.path.join(work, "dst")
-    res = {"base_bytes": total, "largest_shard_mb": round(largest / 2**20, 1), "layers": layers}
-    cp = f"sh -c 'rm -rf {dst}-cp && cp -r {base} {dst}-cp'"
-    text, ratio = farm(["sh", "-c", f"{QUANT} wint8 -q --force --model {base} -o {dst}-w8 --max-shard-size {shard}"
-                        f" > {work}/w8.json"], cp, 3, 1200)
-    print(text, flush=True)
-    s = json.load(open(f"{work}/w8.json"))
-    res["wint8"] = {"time_ratio_vs_cp": ratio, "throughput_vs_cp": round(1 / ratio, 3) if ratio else None,
-                    "mb_per_s": s["mb_per_s"], "peak_rss_mb": s["peak_rss_mb"],
-                    "peak_rss_vs_largest_shard": round(s["peak_rss_mb"] / (largest / 2**20), 3)}
-    # the floor of any Python CLI here: start-up and imports alone (`--help`), against the same cp
-    _, floor = farm([QUANT, "--help"], cp, 3, 120)
-    res["startup_floor"] = {"time_ratio_vs_cp": floor,
-                            "best_possible_throughput_vs_cp": round(1 / (1 + floor), 3) if floor else None}
-    # fp8 needs calibration (a model build and forward passes, not streaming); its write pass streams like RTN:
-    # time it through the summary's write_seconds against cp's median wall from the run above.
-    calib = f"{demo}/data/pt-valid"  # token ids < 2048 fit the 103424-token vocabulary; values do not matter here
-    s8 = run_json([QUANT, "fp8", "-q", "--force", "--model", base, "-o", f"{dst}-f8", "--calib", calib,
-                   "--calib-samples", "4", "--max-shard-size", shard])
-    t = time.perf_counter()
-    subprocess.run(["sh", "-c", f"rm -rf {dst}-cp && cp -r {base} {dst}-cp"], check=True)
-    cp_s = time.perf_counter() - t
-    res["fp8"] = {"write_seconds": s8["write_seconds"], "cp_seconds": round(cp_s, 3),
-                  "throughput_vs_cp": round(cp_s / s8["write_seconds"], 3), "mb_per_s": s8["mb_per_s"],
-                  "peak_rss_mb_whole_run": s8["peak_rss_mb"], "calib_seconds": s8["calib"]["seconds"]}
+
+
+def run_timed(cmd: list[str], stdout: str | None = None) -> dict:
+    """Run cmd (no shell unless it is ['sh', '-c', ...]); whole-process wall seconds, user+sys seconds and peak
+    RSS (ru_maxrss of the child, MiB) from the kernel's accounting (os.wait4), as `/usr/bin/time -v` reports."""
+    out = open(stdout, "w") if stdout else subprocess.DEVNULL
+    try:
+        t = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+        err = proc.stderr.read()
+        _, status, ru = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - t
+        proc.returncode = os.waitstatus_to_exitcode(status)
+    finally:
+        if stdout:
+            out.close()
+    if proc.returncode:
+        raise SystemExit(f"failed ({proc.returncode}): {' '.join(cmd)}\n{err.decode()[-2000:]}")
+    return {"wall": wall, "cpu": ru.ru_utime + ru.ru_stime, "peak_mb": ru.ru_maxrss / 1024}
+
+
+def alternate(a: list[str], b: list[str], runs: int, a_out: str | None = None) -> list[tuple[dict, dict]]:
+    """A and B in turn (A B A B ...) after one warm-up pair: a drifting machine speed hits both alike, and each
+    ratio is taken pair by pair. A's stdout of each run is appended to a_out.jsonl when given."""
+    pairs = []
+    for i in range(runs + 1):
+        ra = run_timed(a, a_out + f".{i}" if a_out else None)
+        if a_out:
+            ra["summary"] = json.loads(open(a_out + f".{i}").read().strip().splitlines()[-1])
+        rb = run_timed(b)
+        if i:
+            pairs.append((ra, rb))
+    return pairs
+
+
+def _median(xs):
+    return float(np.median(xs))
+
+
+def _loadavg() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def throughput_one(work: str, widths: str, layers: int, shard: str, demo: str, runs: int, keep: bool = False,
+                   startup: bool = False) -> dict:
+    """One base: ernie-quant wint8, wint4 (RTN) and fp8 against `cp -r` of the same shards, alternating."""
+    name = f"base-{layers}" if widths == "0.3b" and keep else f"base-{widths}-{layers}-{shard}"
+    base = os.path.join(work, name)
+    build_base(base, layers, shard, widths)
+    shards = [os.path.join(base, f) for f in os.listdir(base) if f.endswith(".safetensors")]
+    total = sum(os.path.getsize(p) for p in shards)
+    largest = max(os.path.getsize(p) for p in shards)
+    _warm(shards)
+    dst = os.path.join(work, "dst" if keep else "dst-scale")
+    cp = ["sh", "-c", f"rm -rf {dst}-cp && cp -r {base} {dst}-cp"]
+    res = {"widths": widths, "layers": layers, "shard": shard, "base_bytes": total, "shards": len(shards),
+           "largest_shard_mb": round(largest / 2**20, 1), "load_before": _loadavg()}
+    # token ids < 2048 fit any vocabulary here. Calibration is a forward pass over the calibration tokens (compute,
+    # reported as calib_s); the scale rows keep it small (2 x 64 tokens) so the write pass and memory are measured
+    calib = ["--calib", f"{demo}/data/pt-valid", "--calib-samples", "4"] if keep else \
+        ["--calib", f"{demo}/data/pt-valid", "--calib-samples", "2", "--seq-len", "64"]
+    for method, extra in (("wint8", []), ("wint4", []), ("fp8", calib)):
+        out = f"{dst}-{method}" if method != "wint8" else f"{dst}-w8"
+        cmd = [QUANT, method, "-q", "--force", "--model", base, "-o", out, "--max-shard-size", shard, *extra]
+        pairs = alternate(cmd, cp, runs, a_out=os.path.join(work, f"{method}.json"))
+        s = [a["summary"] for a, _ in pairs]
+        r = {"wall_s": round(_median([a["wall"] for a, _ in pairs]), 3),
+             "cpu_s": round(_median([a["cpu"] for a, _ in pairs]), 3),
+             "cp_wall_s": round(_median([b["wall"] for _, b in pairs]), 3),
+             "throughput_vs_cp": round(_median([b["wall"] / a["wall"] for a, b in pairs]), 3),
+             "peak_rss_mb": round(max(x["peak_rss_mb"] for x in s), 1),
+             "peak_rss_vs_largest_shard": round(max(x["peak_rss_mb"] for x in s) / (largest / 2**20), 3),
+             "mb_per_s_whole": round(total / 1e6 / _median([a["wall"] for a, _ in pairs]), 1)}
+        if method == "fp8":  # the write pass alone (the summary's write_seconds) against the cp of its pair
+            r["write_s"] = round(_median([x["write_seconds"] for x in s]), 3)
+            r["write_pass_vs_cp"] = round(_median([b["wall"] / x["write_seconds"] for (_, b), x in zip(pairs, s)]),
+                                          3)
+            r["calib_s"] = round(_median([x["calib"]["seconds"] for x in s]), 3)
+        res[method] = r
+        if not (keep and method == "wint8"):
+            shutil.rmtree(out, ignore_errors=True)
+    if startup:  # the floor of any Python CLI here: start-up and imports alone (`--help`), against the same cp
+        pairs = alternate([QUANT, "--help"], cp, runs)
+        f = _median([a["wall"] / b["wall"] for a, b in pairs])
+        res["startup"] = {"wall_s": round(_median([a["wall"] for a, _ in pairs]), 3),
+                          "time_vs_cp": round(f, 3), "best_possible_throughput_vs_cp": round(1 / (1 + f), 3)}
+        # and the fixed memory floor fp8 adds: the interpreter with libernie and paddle imported
+        res["import_paddle_peak_mb"] = round(run_timed([PY, "-c", "import libernie, paddle"])["peak_mb"], 1)
+    shutil.rmtree(f"{dst}-cp", ignore_errors=True)
+    res["load_after"] = _loadavg()
     print(json.dumps(res), flush=True)
+    return res
+
+
+def throughput(work: str, layers: int, shard: str, demo: str, scale: list[str], runs: int) -> dict:
+    """The continuity row (--layers, --shard; its base and wint8 output stay for the serve section), then every
+    SCALE configuration: throughput and peak RSS as the model and the shards grow."""
+    res = {"continuity": throughput_one(work, "0.3b", layers, shard, demo, runs, keep=True, startup=True)}
+    for spec in scale:
+        widths, n, sh = spec.split(":")
+        res[spec] = throughput_one(work, widths, int(n), sh, demo, runs)
     return res
 
 
@@ -324,6 +412,9 @@ def main():
     ap.add_argument("--shard", default="200MB")
     ap.add_argument("--skip", action="append", default=[], choices=["quality", "throughput", "serve"])
     ap.add_argument("--serve-rounds", type=int, default=3, help="alternating rounds of the serve section")
+    ap.add_argument("--scale", nargs="*", default=SCALE, metavar="WIDTHS:LAYERS:SHARD",
+                    help=f"throughput at these sizes too (WIDTHS one of {', '.join(WIDTHS)}); none: --scale")
+    ap.add_argument("--runs", type=int, default=3, help="alternating pairs per throughput measurement")
     a = ap.parse_args()
     os.makedirs(a.work, exist_ok=True)
     if not os.path.isdir(os.path.join(a.demo, "chat-model")):
@@ -336,7 +427,7 @@ def main():
         report["quality"] = quality("demo-pretrain", pretrained, a.demo, a.work)
         report["quality"] += quality("larger", larger_model(a.work, a.demo), a.demo, a.work)
     if "throughput" not in a.skip:
-        report["throughput"] = throughput(a.work, a.layers, a.shard, a.demo)
+        report["throughput"] = throughput(a.work, a.layers, a.shard, a.demo, a.scale, a.runs)
     if "serve" not in a.skip:
         report["serve"] = serve(a.work, a.layers, a.shard, a.demo, a.serve_rounds)
     print(json.dumps(report, indent=1))

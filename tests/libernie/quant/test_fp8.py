@@ -62,3 +62,12 @@ def test_tensor_scale_is_amax_over_448_exactly():
     deq = decode_e4m3(codes) * scale
     big = np.abs(w) > 2.0 ** -6 * scale
     assert np.all(np.abs(deq - w)[big] <= np.abs(w)[big] * 2.0 ** -4 + 1e-12)
+
+
+def test_finite_flag_gives_the_same_codes():
+    # encode_e4m3(finite=True) skips the NaN pass only: same codes on every finite input, out-of-range ones too
+    rng = np.random.default_rng(1)
+    x = np.concatenate([rng.normal(0, 100, 70000), [1e4, -3e38, np.inf, -np.inf, 0.0, -0.0, 2.0 ** -12]])
+    x = x.astype(np.float32)
+    np.testing.assert_array_equal(encode_e4m3(x, finite=True), encode_e4m3(x))
+    np.testing.assert_array_equal(encode_e4m3(x[:-7], finite=True), paddle_codes(x[:-7]))

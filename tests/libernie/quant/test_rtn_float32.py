@@ -79,3 +79,20 @@ def test_float64_input_takes_the_reference_rule():
     q_ref, scale_ref = rtn_quantize_reference(w, 8, -1)
     np.testing.assert_array_equal(q, q_ref)
     np.testing.assert_array_equal(scale, scale_ref)
+
+
+@pytest.mark.parametrize("bits,group_size", [(8, -1), (4, -1), (4, 16), (8, 8)])
+def test_clip_cannot_bind_when_scales_come_from_the_same_values(bits, group_size):
+    # round_to_grid(clip=False) is what the streaming writer uses: with scale = group_scale(amax of the group),
+    # rounding alone stays within +-qmax, so the result equals the clipped one and the float64 rule, including
+    # on the boundary weights and on elements equal to +-amax (t = +-qmax, the largest magnitude possible)
+    from libernie.quant.gptq import QMAX, group_scale, round_to_grid
+    w = _boundary_weights(bits, n=1023)
+    w[:, 1] = -w[:, 0]                                             # -amax in every row (1024 columns)
+    g = w.shape[1] if group_size == -1 else group_size
+    wg = w.reshape(w.shape[0], -1, g)
+    scale = group_scale(np.maximum(wg.max(axis=2), -wg.min(axis=2)), bits)[:, :, None]
+    free = round_to_grid(wg, scale, bits, clip=False)
+    np.testing.assert_array_equal(free, round_to_grid(wg, scale, bits))
+    np.testing.assert_array_equal(free.reshape(w.shape), rtn_quantize_reference(w, bits, group_size)[0])
+    assert np.abs(free).max() == QMAX[bits]                        # +-amax reach qmax exactly

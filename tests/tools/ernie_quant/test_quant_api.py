@@ -185,7 +185,7 @@ def test_gptq_is_wired_and_its_integers_are_what_is_stored(assets, tmp_path):
 
 
 @pytest.mark.parametrize("base", ["base", "base-hf"])
-def test_streaming_calibration_equals_whole_model_hooks(assets, base):
+def test_streaming_calibration_equals_whole_model_hooks(assets, base, tmp_path):
     from libernie.config import ErnieConfig
     from ernie_quant import data as qd
     path = str(assets / base)
@@ -196,7 +196,10 @@ def test_streaming_calibration_equals_whole_model_hooks(assets, base):
                ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.up_gate_proj", "mlp.down_proj")]
     whole, t1 = qd.activation_amax(ErnieForCausalLM.from_pretrained(path), batches, modules)
     from ernie_quant.stream import Source
-    streamed, t2 = qd.activation_amax_streaming(Source.open(path), batches, modules)
+    spill = tmp_path / "spill"
+    spill.mkdir()
+    streamed, t2 = qd.activation_amax_streaming(Source.open(path), batches, modules, spill_dir=str(spill))
+    assert list(spill.iterdir()) == []                  # the hidden states' spill file leaves nothing behind
     assert t1 == t2 > 0
     assert whole.keys() == streamed.keys() and all(v > 0 for v in whole.values())
     for m in modules:
@@ -264,3 +267,23 @@ def test_foreign_compressed_tensors_variants_load(assets, tmp_path):
     rewrite(bf, lambda t: ((n, (from_float32(a, "BF16"), "BF16") if n.endswith("weight_scale") else (a, dt))
                            for n, (a, dt) in t.items()))
     assert np.abs(logits(bf) - want4).max() < 0.05     # the scales lost bits to bf16; the integers did not
+
+
+def test_hidden_spill_gives_back_the_same_bits(tmp_path):
+    from ernie_quant.data import HiddenSpill
+    rng = np.random.default_rng(0)
+    xs = [rng.standard_normal((1, s, 24)).astype(np.float32) for s in (5, 1, 17)]
+    xs[1][0, 0, :3] = [np.inf, -0.0, 1e-40]                      # odd values travel as bits
+    sp = HiddenSpill(str(tmp_path))
+    for x in xs:
+        sp.append(x)
+    assert len(sp) == 3 and list(tmp_path.iterdir()) == []      # unlinked at creation
+    for k, x in enumerate(xs):
+        np.testing.assert_array_equal(sp[k].view(np.uint32), x.view(np.uint32))
+    sp[2] = xs[2] * 2                                           # a layer's output replaces its input in place
+    np.testing.assert_array_equal(sp[2], xs[2] * 2)
+    np.testing.assert_array_equal(sp[0], xs[0])                 # neighbours untouched
+    np.testing.assert_array_equal(sp[1].view(np.uint32), xs[1].view(np.uint32))
+    with pytest.raises(ValueError, match="shape"):
+        sp[0] = xs[2]
+    sp.close()

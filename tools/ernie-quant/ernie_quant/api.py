@@ -128,7 +128,9 @@ def quantize(method: str, model: str, out: str, *, calib: str | None = None, alg
         report["eval"] = {"prefix": eval_prefix, "sequences": min(eval_samples, len(eval_ds)), "tokens": tokens,
                           "base_ppl": base_ppl, "base_seconds": round(time.perf_counter() - t, 3)}
     if calib_ds is not None:
-        report["calib"] = _calibrate(live, job, calib_ds, calib, chosen, calib_samples, seq_len, progress, src)
+        # hidden states between layers spill next to OUTDIR (its file system must hold the output anyway)
+        report["calib"] = _calibrate(live, job, calib_ds, calib, chosen, calib_samples, seq_len, progress, src,
+                                     os.path.dirname(os.path.abspath(out)))
     live = None  # the float model is not needed past here: free it before streaming
     t_write = time.perf_counter()
     try:
@@ -227,13 +229,13 @@ def _skipped_hf(src: Source, chosen) -> list[str]:
     return [hf_module(n) for r in rules(src.cfg) if quantizable(r) and r.paddle not in ids for n in r.hf]
 
 
-def _calibrate(live, job: Job, ds, prefix, chosen, n, seq_len, progress, src: Source) -> dict:
+def _calibrate(live, job: Job, ds, prefix, chosen, n, seq_len, progress, src: Source, spill_dir: str) -> dict:
     from ernie_quant import data as qdata
     t = time.perf_counter()
     data = list(_stage(progress, "calibrate", qdata.batches(ds, n, seq_len), n))
     modules = [module_of(r) for r in chosen]
     if job.method == "fp8":
-        job.act_amax, tokens = qdata.activation_amax_streaming(src, data, modules, str(ds.path))
+        job.act_amax, tokens = qdata.activation_amax_streaming(src, data, modules, str(ds.path), spill_dir)
     else:  # GPTQ
         from libernie.quant.gptq_model import gptq_model
         for b in data:

@@ -1,16 +1,20 @@
-"""log p(target | hidden) through the LM head, for a chunk of rows, keeping only the chunk's inputs.
+"""log p(target | hidden) through the LM head, for a chunk of rows, never keeping the chunk's [n, V] logits.
 
 `target_logps(model, hs [n, h], tgt [n]) -> [n]` (fp32). Where the head is a plain matrix (tied embedding
 [V, h] or an untied Linear [h, V] with optional bias: every ERNIE 4.5 layout) and the reference kernels run
-(CPU), `_LinearLogp` does it in one autograd node: the forward keeps hs, the head's parameters, the targets and
-each row's log-sum-exp ([n]); the backward recomputes the logits once and turns them into the softmax in place:
-  d logp_t / d logits = onehot(t) - softmax(logits)   so   d hs = g (W_t - softmax @ W)  (tied: W = E)
-and d W, d bias only if they are trained. The generic path (cross_entropy under Paddle's recompute, for a
-head with a LoRA adapter, or on a GPU) recomputes the logits and the softmax, then runs Paddle's CPU
-cross-entropy grad, holding logits, softmax and d logits ([n, V] each) at once, at the moment of the step
-when every activation is still alive. Here backward holds one [n, V] buffer and skips the recomputed
-cross-entropy forward (~40 ms of CPU per 64 x 103424 chunk). The forward values are the generic path's
-(the same cross_entropy call); gradients equal up to fp32 rounding (tests/tools/ernie_train/test_logp_head.py).
+(CPU), `_LinearLogp` does it in one autograd node, with the forward values of the generic path (the same
+cross_entropy call) and:
+- a frozen head (LoRA, the usual DPO run): logp_n depends on row n alone, so its gradient is g_n * J_n with
+      J_n = d logp_n / d hs_n = W_t - softmax(logits_n) @ W      [h]   (tied: W = E)
+  computed in the forward from the logits already there (one [n, V] x [V, h] matmul, the one backward would
+  run anyway) and kept ([n, h]); backward is one multiply. The logits are never recomputed (as fused
+  linear-cross-entropy heads do, which take the gradient in the forward).
+- a trained head (full fine-tuning): d W needs g, so the forward keeps hs and each row's log-sum-exp and
+  the backward recomputes the logits once, turning them into d logits in place.
+The generic path (a LoRA adapter on lm_head, or a GPU) is cross_entropy under Paddle's recompute: logits
+recomputed, softmax and d logits built beside them, then the same two matmuls. At 0.3B widths with ~80
+response rows the head is ~1/4 of a forward, so the recompute it avoids is ~8% of a LoRA step.
+Gradients equal the generic path's up to fp32 rounding (tests/tools/ernie_train/test_logp_head.py).
 """
 from __future__ import annotations
 
@@ -35,13 +39,24 @@ class _LinearLogp(PyLayer):
         logits = _logits(hs, weight, bias, tied).astype("float32")           # [n, V]
         nll = F.cross_entropy(logits, tgt.unsqueeze(1), reduction="none")   # [n, 1]: the generic path's values
         lse = paddle.take_along_axis(logits, tgt.unsqueeze(1), axis=1) + nll  # [n, 1] log-sum-exp of each row
-        ctx.save_for_backward(hs, weight, bias, tgt, lse)
-        ctx.tied, ctx.grads = tied, (not hs.stop_gradient, not weight.stop_gradient,
-                                     bias is not None and not bias.stop_gradient)
+        want_h, want_w, want_b = ctx.grads = (not hs.stop_gradient, not weight.stop_gradient,
+                                              bias is not None and not bias.stop_gradient)
+        ctx.tied, ctx.has_bias, ctx.jac = tied, bias is not None, want_h and not (want_w or want_b)
+        if ctx.jac:  # frozen head: logp_n depends on row n alone, so its gradient is g_n * J_n, J known now
+            logits.subtract_(lse)
+            logits.exp_()                                                   # softmax, in place [n, V]
+            p = logits.astype(hs.dtype)
+            jac = _rows(weight, tgt, tied) - paddle.matmul(p, weight, transpose_y=not tied)   # [n, h]
+            ctx.save_for_backward(jac)
+        else:
+            ctx.save_for_backward(hs, weight, bias, tgt, lse)
         return -nll.reshape([-1])                                           # [n]
 
     @staticmethod
     def backward(ctx, g):                                                   # g [n]
+        if ctx.jac:
+            (jac,) = ctx.saved_tensor()
+            return tuple([g.astype(jac.dtype).unsqueeze(1) * jac, None] + [None] * ctx.has_bias + [None])
         hs, weight, bias, tgt, lse = ctx.saved_tensor()
         tied = ctx.tied
         p = _logits(hs, weight, bias, tied).astype("float32")
@@ -55,14 +70,16 @@ class _LinearLogp(PyLayer):
         dh = dw = db = None
         if want_h:
             dh = paddle.matmul(p, weight, transpose_y=not tied)             # [n, h]
-            if not (want_w or want_b):                                      # the onehot term: g * W_t
-                w_t = paddle.gather(weight, tgt, axis=0) if tied else paddle.gather(weight, tgt, axis=1).t()
-                dh = dh + g.astype(hs.dtype).unsqueeze(1) * w_t
         if want_w:
             dw = paddle.matmul(p, hs, transpose_x=True) if tied else paddle.matmul(hs, p, transpose_x=True)
         if want_b:
             db = p.sum(0)
         return tuple([dh, dw] + ([db] if bias is not None else []) + [None])   # None: the targets
+
+
+def _rows(weight, tgt, tied: bool):
+    """The head's row for each target: W_t [n, h] (tied E [V, h]; untied W [h, V])."""
+    return paddle.gather(weight, tgt, axis=0) if tied else paddle.gather(weight, tgt, axis=1).t()
 
 
 def _plain_head(model):

@@ -1,13 +1,15 @@
-"""Training twins of the CPU reference kernels: the same forward ops (bit-identical values), a hand-written
-backward that saves less and runs fewer ops.
+"""Training twins of the CPU reference kernels: the same forward ops (bit-identical values), a backward that
+keeps only the op's inputs.
 
 Paddle's autograd over the reference ops (libernie.kernels.ops) keeps every intermediate and, for SwiGLU's
 two half-views of up_gate_proj's output, builds two full-size zero tensors in backward (one SliceGrad each)
-and adds them: 64 ms of a 1024 x 3072 layer's step at 256 tokens against 17 ms here. Each twin below
-saves only its inputs (and RMSNorm's [.., 1] inverse rms) and recomputes the cheap elementwise rest in
-backward, as Megatron's selective recompute does for its cheap ops. They run only where a gradient is
-being taken on the reference path (`active`); inference, no_grad and the fused GPU kernels are untouched.
-The gradients equal autograd's over the reference ops up to fp32 rounding (tests/libernie/model/test_grad_ops.py).
+and adds them: 64 ms of a 1024 x 3072 layer's step at 256 tokens against 17 ms here. Each twin keeps its
+inputs and recomputes the cheap elementwise rest in backward, as Megatron's selective recompute does for its
+cheap ops: SwiGLU and RoPE with hand-written gradients (equal to autograd's up to fp32 rounding), RMSNorm by
+re-running the reference ops under autograd (bit-identical gradients: a run diverging at a large learning rate
+overflows at the same step as before, which the trainer's guard tests pin). They run only where a gradient
+is taken on the reference path (`active`); inference, no_grad and the fused GPU kernels are untouched.
+Tests: tests/libernie/model/test_grad_ops.py.
 """
 from __future__ import annotations
 
@@ -24,31 +26,27 @@ def active(x: paddle.Tensor) -> bool:
     return not x.stop_gradient and paddle.is_grad_enabled() and backend(x) == "reference"
 
 
-def _needs(t) -> bool:
-    return t is not None and not t.stop_gradient
-
-
 # ---- RMSNorm: y = w * (x * r), r = rsqrt(mean(x^2) + eps), statistics in fp32 --------------------------
 class _RMSNorm(PyLayer):
+    """Keeps x only; backward re-runs the reference ops on it and takes autograd's gradient of them, so the
+    gradients are autograd's bit for bit (a diverging run overflows at the same step, which the trainer's
+    guard and its tests rely on). What it saves is memory: x^2, x * r and the cast copies are not kept."""
+
     @staticmethod
     def forward(ctx, x, weight, eps):                                    # x [.., h], weight [h]
-        h = x.astype("float32")
-        r = paddle.rsqrt((h * h).mean(-1, keepdim=True) + eps)            # [.., 1]
-        ctx.save_for_backward(x, weight, r)
-        ctx.grad_w = _needs(weight)
-        return weight * (h * r).astype(x.dtype)                           # the reference's ops, in its order
+        ctx.save_for_backward(x, weight)
+        ctx.eps = eps
+        return rms_norm(x, weight, eps)
 
     @staticmethod
     def backward(ctx, g):
-        x, weight, r = ctx.saved_tensor()
-        hn = x.astype("float32") * r                                      # normalised x
-        gf = g.astype("float32")
-        dhn = gf * weight.astype("float32")                               # [.., h]
-        dx = r * (dhn - hn * (dhn * hn).mean(-1, keepdim=True))
-        dw = None
-        if ctx.grad_w:
-            dw = (gf * hn.astype(x.dtype).astype("float32")).reshape([-1, x.shape[-1]]).sum(0).astype(weight.dtype)
-        return dx.astype(x.dtype), dw
+        x, weight = ctx.saved_tensor()
+        with paddle.enable_grad():
+            xx, ww = x.detach(), weight.detach()
+            xx.stop_gradient, ww.stop_gradient = False, weight.stop_gradient
+            y = rms_norm(xx, ww, ctx.eps)
+            grads = paddle.grad([y], [xx] + ([] if weight.stop_gradient else [ww]), [g])
+        return grads[0], (None if weight.stop_gradient else grads[1])
 
 
 def rms_norm_train(x, weight, eps):

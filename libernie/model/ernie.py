@@ -14,9 +14,9 @@ import paddle
 import paddle.nn as nn
 
 from libernie.config import ErnieConfig
-from libernie.kernels import attention, build_attention_mask, rope_cos_sin
+from libernie.kernels import attention, build_attention_mask, rms_norm, rope_cos_sin
 from libernie.model.cache import KVCache
-from libernie.model.grad_ops import apply_rope_train, rms_norm_train, swiglu_train  # the kernels, leaner backward
+from libernie.model.grad_ops import apply_rope_train, swiglu_train  # the kernels, with a leaner backward
 from libernie.model.loss import causal_lm_loss
 from libernie.model.moe import MoEBlock
 
@@ -34,7 +34,7 @@ class RMSNorm(nn.Layer):
         self.eps = eps
 
     def forward(self, x):                                   # [..., h] -> [..., h]
-        return rms_norm_train(x, self.weight, self.eps)
+        return rms_norm(x, self.weight, self.eps)
 
 
 class Attention(nn.Layer):

@@ -6,7 +6,7 @@
 Models (random weights, fp32 on CPU, LoRA rank 8, as a DPO run on one machine usually is):
 - ernie-4.5-0.3b (default): ERNIE-4.5-0.3B's shapes (hidden 1024, 16/2 heads of 128, intermediate 3072, vocab
   103424, tied) with --layers 12 (keeps the live-reference run under 4 GB); LoRA on qkv/o/up_gate/down.
-  Weights 56 MB per layer plus a 424 MB embedding; fp32 activations of 256 tokens about 22 MB per layer.
+  Weights 56 MB per layer plus a 424 MB embedding; fp32 activations of 256 tokens about 24 MB per layer.
 - ernie-4.5-21b-a3b: ERNIE-4.5-21B-A3B's widths (hidden 2560, 20/4 heads of 128, layer 0 dense 12288, then MoE
   layers of 64 experts of 1536, top-6, 2 shared; vocab 103424, tied) with --layers 2 (one dense, one MoE layer:
   4.6 GB of weights, so the live run holds ~9.5 GB); LoRA on qkv/o (attention), as usual for MoE models.

@@ -14,8 +14,9 @@ import paddle
 import paddle.nn as nn
 
 from libernie.config import ErnieConfig
-from libernie.kernels import apply_rope, attention, build_attention_mask, rms_norm, rope_cos_sin, swiglu
+from libernie.kernels import attention, build_attention_mask, rms_norm, rope_cos_sin
 from libernie.model.cache import KVCache
+from libernie.model.grad_ops import apply_rope_train, swiglu_train  # the kernels, with a leaner backward
 from libernie.model.loss import causal_lm_loss
 from libernie.model.moe import MoEBlock
 
@@ -51,7 +52,7 @@ class Attention(nn.Layer):
         q = q.reshape([b, s, cfg.num_attention_heads, cfg.head_dim])         # [b, s, nh, hd]
         k = k.reshape([b, s, cfg.num_key_value_heads, cfg.head_dim])         # [b, s, nkv, hd]
         v = v.reshape([b, s, cfg.num_key_value_heads, cfg.head_dim])         # [b, s, nkv, hd]
-        q, k = apply_rope(q, *rope["q"]), apply_rope(k, *rope["k"])
+        q, k = apply_rope_train(q, *rope["q"]), apply_rope_train(k, *rope["k"])
         k = k.transpose([0, 2, 1, 3]).contiguous()                           # [b, nkv, s, hd]
         v = v.transpose([0, 2, 1, 3]).contiguous()                           # [b, nkv, s, hd]
         if cache is not None:
@@ -69,7 +70,7 @@ class MLP(nn.Layer):
         self.down_proj = _linear(cfg, cfg.intermediate_size, cfg.hidden_size)
 
     def forward(self, x):                                                    # [b, s, h]
-        return self.down_proj(swiglu(self.up_gate_proj(x)))                 # [b, s, 2i] -> [b, s, h]
+        return self.down_proj(swiglu_train(self.up_gate_proj(x)))           # [b, s, 2i] -> [b, s, h]
 
 
 class DecoderLayer(nn.Layer):

@@ -1,12 +1,17 @@
 """DPO with cached reference log-probs vs a live reference model: tokens/s and peak memory, in one run.
 
-    .venv/bin/python scripts/bench/dpo.py [--layers 12] [--steps 3] [--seq-len 256] [--batch 1] [--recompute]
+    .venv/bin/python scripts/bench/dpo.py [--preset ernie-4.5-0.3b] [--layers N] [--steps 3] [--seq-len 256]
+                                          [--batch 1] [--recompute] [--pairs N] [--lora-targets LIST]
 
-Model: ERNIE-4.5-0.3B's shapes (hidden 1024, 16/2 heads of 128, intermediate 3072, vocab 103424, tied) with
---layers decoder layers (12 keeps the live-reference run under 4 GB), random weights, fp32 on CPU; LoRA
-rank 8 on the usual targets, as a DPO run on one machine usually is. The saving in memory depends on how much
-of it the weights are: fp32 activations of 256 tokens weigh about 35 MB per layer here, the weights 56 MB per
-layer plus a 424 MB embedding; --recompute shrinks the activations and adds a forward to every step.
+Models (random weights, fp32 on CPU, LoRA rank 8, as a DPO run on one machine usually is):
+- ernie-4.5-0.3b (default): ERNIE-4.5-0.3B's shapes (hidden 1024, 16/2 heads of 128, intermediate 3072, vocab
+  103424, tied) with --layers 12 (keeps the live-reference run under 4 GB); LoRA on qkv/o/up_gate/down.
+  Weights 56 MB per layer plus a 424 MB embedding; fp32 activations of 256 tokens about 24 MB per layer.
+- ernie-4.5-21b-a3b: ERNIE-4.5-21B-A3B's widths (hidden 2560, 20/4 heads of 128, layer 0 dense 12288, then MoE
+  layers of 64 experts of 1536, top-6, 2 shared; vocab 103424, tied) with --layers 2 (one dense, one MoE layer:
+  4.6 GB of weights, so the live run holds ~9.5 GB); LoRA on qkv/o (attention), as usual for MoE models.
+The saving in memory depends on how much of it the weights are; --recompute shrinks the activations and adds a
+forward to every step. The model is built and saved in a child process (this script stays small).
 Data: synthetic preference pairs packed by ernie-pack dpo. Each mode runs in its own process (so its peak
 RSS is its own) through ernie_train.trainer.train, as `ernie-train dpo` does, with the same thread settings:
 
@@ -55,14 +60,22 @@ def make_data(tmp, n_pairs, seq_len):
        "--overflow", "reject", "-o", os.path.join(tmp, "dpo"), os.path.join(tmp, "pairs.jsonl"))
 
 
-def make_model(tmp, layers):
+PRESETS = {"ernie-4.5-0.3b": {"layers": 12, "targets": "qkv_proj,o_proj,up_gate_proj,down_proj"},
+           "ernie-4.5-21b-a3b": {"layers": 2, "targets": "qkv_proj,o_proj"}}
+
+
+def make_model(tmp, preset, layers):
+    """Random weights of `preset` with `layers` decoder layers, saved to tmp/model (run in a child process)."""
     import libernie  # noqa: F401
     import paddle
 
-    from libernie.config import ernie_4_5_0_3b
+    from libernie.config import PRESETS as CONFIGS
     from libernie.model import ErnieForCausalLM
-    cfg = ernie_4_5_0_3b()
+    cfg = CONFIGS[preset]()
     cfg.num_hidden_layers = layers
+    if cfg.is_moe:
+        cfg.moe_layer_end_index = min(cfg.moe_layer_end_index, layers - 1)
+    cfg.validate()
     paddle.seed(0)
     ErnieForCausalLM(cfg).save_pretrained(os.path.join(tmp, "model"))
 
@@ -97,6 +110,7 @@ def child(argv):
 
 def run_mode(tmp, name, extra, args):
     opts = {"data": os.path.join(tmp, "dpo"), "model": os.path.join(tmp, "model"), "lora": True,
+            "lora_target_modules": args.lora_targets,
             "max_steps": args.steps + 1, "logging_steps": 1, "save_steps": 0, "learning_rate": 1e-4,
             "per_device_train_batch_size": args.batch, "verify_data": False, "recompute": args.recompute, **extra}
     return json.loads(sh(sys.executable, os.path.abspath(__file__), "--child", os.path.join(tmp, "run-" + name),
@@ -106,17 +120,24 @@ def run_mode(tmp, name, extra, args):
 def main():
     if sys.argv[1:2] == ["--child"]:
         return child(sys.argv[2:])
+    if sys.argv[1:2] == ["--make-model"]:
+        return make_model(sys.argv[2], sys.argv[3], int(sys.argv[4]))
     ap = argparse.ArgumentParser()
-    ap.add_argument("--layers", type=int, default=12)
+    ap.add_argument("--preset", choices=sorted(PRESETS), default="ernie-4.5-0.3b")
+    ap.add_argument("--layers", type=int, help="decoder layers (default: 12 for 0.3b, 2 for 21b-a3b)")
+    ap.add_argument("--lora-targets", help="LoRA target modules (default: per preset, see above)")
+    ap.add_argument("--pairs", type=int, default=64, help="preference pairs in the synthetic set")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--recompute", action=argparse.BooleanOptionalAction, default=False)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--batch", type=int, default=1)
     args = ap.parse_args()
+    args.layers = args.layers or PRESETS[args.preset]["layers"]
+    args.lora_targets = args.lora_targets or PRESETS[args.preset]["targets"]
     with tempfile.TemporaryDirectory(prefix="bench-dpo-") as tmp:
-        make_data(tmp, 64, args.seq_len)
-        make_model(tmp, args.layers)
+        make_data(tmp, args.pairs, args.seq_len)
+        sh(sys.executable, os.path.abspath(__file__), "--make-model", tmp, args.preset, str(args.layers))
         ref = json.loads(sh(f"{BIN}/ernie-train", "dpo-ref", "--data", os.path.join(tmp, "dpo"), "--model",
                             os.path.join(tmp, "model"), "--batch-size", str(args.batch), "-q"))
         modes = {"cached": {"ref_logps": os.path.join(tmp, "dpo.ref-logps")},
@@ -129,7 +150,8 @@ def main():
                 best["tokens_per_s"] = max(best["tokens_per_s"], r["tokens_per_s"])
                 for m in ("train_peak_mb", "process_peak_mb"):
                     best[m] = max(best[m], r[m])
-    print(f"ERNIE-4.5-0.3B shapes x {args.layers} layers, LoRA r8, recompute {args.recompute}, batch {args.batch} x "
+    print(f"{args.preset} shapes x {args.layers} layers, LoRA r8 on {args.lora_targets}, recompute {args.recompute}, "
+          f"batch {args.batch} x "
           f"{args.seq_len}, {args.steps} timed steps, best of {args.rounds} rounds, "
           f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}")
     print(f"dpo-ref (once): {ref['pairs']} pairs in {ref['seconds']:.1f} s")

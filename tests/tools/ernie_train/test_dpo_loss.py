@@ -155,3 +155,44 @@ def test_chunked_lm_head_gives_the_same_logps_and_gradients(monkeypatch):
     for a, b in zip(out[1000], out[4]):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
     assert np.abs(out[4][2]).max() > 0
+
+
+def test_lora_dpo_gradients_unchanged_by_the_fast_paths(monkeypatch):
+    """The LoRA DPO step's gradients with the training twins (libernie.model.grad_ops) and the one-node LM head
+    (ernie_train.logp_head) equal those of plain autograd over the reference ops + the recomputed cross_entropy."""
+    import ernie_train.dpo as dpo
+    from ernie_train import logp_head
+    from libernie.config import ernie_tiny
+    from libernie.lora import LoRAConfig, apply_lora
+    from libernie.model import ErnieForCausalLM, grad_ops
+    ids, doc, roles, mask = _row([(3, 4, 5), (2, 3, 2)])
+    ids = ids % 300
+    pos = np.array([[0, 1, 2, 3, 4, 5, 6, 3, 4, 5, 6, 7, 0, 1, 2, 3, 4, 2, 3, 0, 0]])
+    idx = pair_index(ids, doc, roles, mask)
+    t = [paddle.to_tensor(x) for x in (ids, pos, doc, roles.astype(np.int32), idx.src, idx.tgt, *idx.selectors())]
+    monkeypatch.setattr(dpo, "HEAD_CHUNK", 4)
+
+    def step(fast: bool):
+        with monkeypatch.context() as m:
+            if not fast:
+                m.setattr(grad_ops, "active", lambda x: False)
+                m.setattr(logp_head, "_plain_head", lambda model: None)
+            paddle.seed(0)
+            model = ErnieForCausalLM(ernie_tiny(vocab_size=300))
+            apply_lora(model, LoRAConfig(r=4))
+            for n, p in model.named_parameters():   # B = 0 at init would zero every A gradient
+                if n.endswith("lora_B"):
+                    p.set_value(paddle.randn(p.shape) * 0.1)
+            c, r = dpo.pair_logps(model, *t)
+            losses, _, _ = dpo.dpo_loss(c, r, paddle.to_tensor([-30.0, -20.0]), paddle.to_tensor([-31.0, -19.0]),
+                                        loss_type="sigmoid", beta=0.1)
+            losses.sum().backward()
+            return c.numpy(), r.numpy(), {n: p.grad.numpy() for n, p in model.named_parameters() if p.grad is not None}
+
+    c0, r0, g0 = step(fast=False)
+    c1, r1, g1 = step(fast=True)
+    np.testing.assert_array_equal(c1, c0)                 # forward values: bit for bit
+    np.testing.assert_array_equal(r1, r0)
+    assert g0.keys() == g1.keys() and len(g0) > 0 and all(".lora_" in n for n in g0)
+    for n in g0:
+        np.testing.assert_allclose(g1[n], g0[n], rtol=1e-4, atol=1e-7, err_msg=n)

@@ -189,31 +189,20 @@ def pair_index(input_ids: np.ndarray, doc_ids: np.ndarray, roles: np.ndarray, lo
 HEAD_CHUNK = 64  # response tokens per LM-head chunk: bounds the [n, V] fp32 logits (V = 103424 for ERNIE 4.5)
 
 
-def _target_logps(model, hs, tgt):
-    """log p(tgt | hidden) for rows of hs [n, h] -> [n], through the LM head in fp32."""
-    import paddle.nn.functional as F
-    logits = model.logits(hs.unsqueeze(0)).squeeze(0).astype("float32")                 # [n, V]
-    return -F.cross_entropy(logits, tgt.unsqueeze(1), reduction="none").reshape([-1])
-
-
 def pair_logps(model, input_ids, position_ids, doc_ids, roles, src, tgt, sel_c, sel_r):
     """Raw per-pair log-prob sums (chosen [P], rejected [P]) of a packed batch, differentiable.
 
     Only the N target positions go through the LM head (the prompt's logits are never built), in chunks
     of HEAD_CHUNK rows; when gradients flow, each chunk's logits are recomputed in backward instead of
-    kept, so the head costs [HEAD_CHUNK, V] of memory whatever N is (as ERNIEKit's chunked fused head).
+    kept (ernie_train.logp_head), so the head costs [HEAD_CHUNK, V] of memory whatever N is (as ERNIEKit's
+    chunked fused head).
     input_ids, position_ids, doc_ids, roles [b, s]; src, tgt [N]; sel_c, sel_r [P, N] (PairIndex)."""
-    import functools
-
     import paddle
-    from paddle.distributed.fleet.utils import recompute
+
+    from ernie_train.logp_head import target_logps
     h = model.ernie(input_ids, position_ids=position_ids, doc_ids=doc_ids, roles=roles)   # [b, s, h]
     hs = paddle.gather(h.reshape([-1, h.shape[-1]]), src)                               # [N, h]
-    head = functools.partial(_target_logps, model)
-    parts = []
-    for i in range(0, hs.shape[0], HEAD_CHUNK):
-        chunk, t = hs[i:i + HEAD_CHUNK], tgt[i:i + HEAD_CHUNK]
-        grad = paddle.is_grad_enabled() and not chunk.stop_gradient
-        parts.append(recompute(head, chunk, t, use_reentrant=False) if grad else head(chunk, t))
+    parts = [target_logps(model, hs[i:i + HEAD_CHUNK], tgt[i:i + HEAD_CHUNK])
+             for i in range(0, hs.shape[0], HEAD_CHUNK)]
     logp = (paddle.concat(parts) if len(parts) > 1 else parts[0]).reshape([-1, 1])      # [N, 1]
     return paddle.matmul(sel_c, logp).squeeze(1), paddle.matmul(sel_r, logp).squeeze(1)  # [P], [P]

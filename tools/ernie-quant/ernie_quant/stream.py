@@ -19,7 +19,7 @@ from libernie.quant import BITS
 from libernie.quant.formats import EMBEDDING, QUANT_MARKERS, QuantResult, module_of, planned, rule_group, tensors_for
 from libernie.quant.fp8 import decode_e4m3, encode_e4m3, tensor_scale
 
-from ernie_quant.blocks import _BLOCK_ELEMS, _NON_FINITE, _map
+from ernie_quant.blocks import _BLOCK_ELEMS, _NON_FINITE, _map, reuse_freed_memory
 from ernie_quant.errors import QuantError
 from ernie_quant.stored import quantize_stored
 
@@ -237,48 +237,55 @@ def write(src: Source, job: Job, tmp: str, max_bytes: int, meta: dict, progress=
     """
     entries = plan(src, job)
     writer = StreamingWriter(tmp, entries, max_bytes, meta)
-    errors, done = {}, 0
+    errors = {}
     total = sum(src.nbytes(r) for r in src.ordered_rules())
     disk = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ernie-quant-writer")
-    pending = None
     try:
-        for i, rule in enumerate(src.ordered_rules()):
-            if rule.paddle in job.quantized:
-                try:
-                    j = dataclasses.replace(job, group_size=rule_group(rule, job.group_size))
-                    if src.reader.layout == "paddle" and job.fmt == "fastdeploy" and job.gptq is None \
-                            and rule.paddle != EMBEDDING:
-                        res, errors[rule.paddle] = quantize_stored(*src.stored(rule), j, rule)
-                    else:
-                        res, errors[rule.paddle] = quantize_rule(*src.linear_rows(rule), j, rule)
-                except ErnieError as e:  # e.g. non-finite weights: name the tensor and its file
-                    n = src.names(rule)[0]
-                    raise CheckpointError(f"{src.files[n].path}: {rule.paddle}: {e}") from None
-                ops = [(writer.write, name, np.ascontiguousarray(arr), dt)
-                       for name, arr, dt in tensors_for(rule, res, job.fmt)]
-            elif src.reader.layout == job.layout or rule.kind == "same":
-                outs = float_outputs(src, rule, job.layout)
-                ops = [(writer.copy, name, src.files[srcname], srcname)
-                       for (name, _, _), srcname in zip(outs, src.names(rule))]
-            else:                                               # layout conversion of a float tensor, bits moved
-                arrays = [read_array(src.files[n], n) for n in src.names(rule)]
-                dt = src.files[src.names(rule)[0]].dtype(src.names(rule)[0])
-                w = arrays[0] if src.reader.layout == "paddle" else to_paddle(rule, arrays)
-                produced = [w] if job.layout == "paddle" else to_hf(rule, w)
-                ops = [(writer.write, name, arr, dt)
-                       for arr, (name, _, _) in zip(produced, float_outputs(src, rule, job.layout))]
-            if pending is not None:
-                pending.result()                                # the previous group is on disk (or raises)
-            pending = disk.submit(lambda ops=ops: [f(*args) for f, *args in ops])
-            done += src.nbytes(rule)
-            if progress:
-                progress(done, total, i + 1)
-        if pending is not None:
-            pending.result()
-        index = writer.close()
+        with reuse_freed_memory():
+            index = _write_groups(src, job, writer, disk, errors, total, progress)
     finally:
         disk.shutdown(wait=True)
         writer.release()
     return index, errors, total
+
+
+def _write_groups(src: Source, job: Job, writer: StreamingWriter, disk: ThreadPoolExecutor, errors: dict, total: int,
+                  progress) -> dict:
+    """write()'s loop: each tensor group read, quantized or passed through, handed to the disk thread."""
+    pending, done = None, 0
+    for i, rule in enumerate(src.ordered_rules()):
+        if rule.paddle in job.quantized:
+            try:
+                j = dataclasses.replace(job, group_size=rule_group(rule, job.group_size))
+                if src.reader.layout == "paddle" and job.fmt == "fastdeploy" and job.gptq is None \
+                        and rule.paddle != EMBEDDING:
+                    res, errors[rule.paddle] = quantize_stored(*src.stored(rule), j, rule)
+                else:
+                    res, errors[rule.paddle] = quantize_rule(*src.linear_rows(rule), j, rule)
+            except ErnieError as e:  # e.g. non-finite weights: name the tensor and its file
+                n = src.names(rule)[0]
+                raise CheckpointError(f"{src.files[n].path}: {rule.paddle}: {e}") from None
+            ops = [(writer.write, name, np.ascontiguousarray(arr), dt)
+                   for name, arr, dt in tensors_for(rule, res, job.fmt)]
+        elif src.reader.layout == job.layout or rule.kind == "same":
+            outs = float_outputs(src, rule, job.layout)
+            ops = [(writer.copy, name, src.files[srcname], srcname)
+                   for (name, _, _), srcname in zip(outs, src.names(rule))]
+        else:                                               # layout conversion of a float tensor, bits moved
+            arrays = [read_array(src.files[n], n) for n in src.names(rule)]
+            dt = src.files[src.names(rule)[0]].dtype(src.names(rule)[0])
+            w = arrays[0] if src.reader.layout == "paddle" else to_paddle(rule, arrays)
+            produced = [w] if job.layout == "paddle" else to_hf(rule, w)
+            ops = [(writer.write, name, arr, dt)
+                   for arr, (name, _, _) in zip(produced, float_outputs(src, rule, job.layout))]
+        if pending is not None:
+            pending.result()                                # the previous group is on disk (or raises)
+        pending = disk.submit(lambda ops=ops: [f(*args) for f, *args in ops])
+        done += src.nbytes(rule)
+        if progress:
+            progress(done, total, i + 1)
+    if pending is not None:
+        pending.result()
+    return writer.close()
 
 

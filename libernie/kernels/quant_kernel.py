@@ -86,7 +86,8 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.absmax_bits.argtypes = [p, i32, i64, i64, i64, p]
     lib.rtn_round.argtypes = [p, i32, i64, i64, i64, p, p, p]
     lib.fp8_encode.argtypes = [p, i32, i64, ctypes.c_float, p, p]
-    for f in (lib.absmax_bits, lib.rtn_round, lib.fp8_encode):
+    lib.pack_int4.argtypes = [p, i64, i64, p]
+    for f in (lib.absmax_bits, lib.rtn_round, lib.fp8_encode, lib.pack_int4):
         f.restype = None
     return lib
 
@@ -126,3 +127,11 @@ def fp8_encode(lib, store: np.ndarray, dtype: str, scale: float, codes: np.ndarr
     sums = np.zeros(2, np.float64)
     lib.fp8_encode(_ptr(store), DTYPES[dtype], store.size, np.float32(scale).item(), _ptr(codes), _ptr(sums))
     return float(sums[0]), float(sums[1])
+
+
+def pack_int4(lib, q: np.ndarray) -> np.ndarray:
+    """int8 q [rows, cols] in [-8, 7], rows even -> [rows / 2, cols] int8: row 2k low nibble, 2k + 1 high."""
+    rows, cols = q.shape
+    out = np.empty((rows // 2, cols), np.int8)
+    lib.pack_int4(_ptr(q), rows, cols, _ptr(out))
+    return out

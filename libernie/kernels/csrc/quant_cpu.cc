@@ -3,6 +3,7 @@
 //   absmax_bits  <- _abs_bits(...).max(...)       (tools/ernie-quant/ernie_quant/stream.py)
 //   rtn_round    <- round_to_grid + the error sums (libernie/quant/gptq.py: q = rint(w / scale), float64 rule)
 //   fp8_encode   <- encode_e4m3(w / scale) + decode (libernie/quant/fp8.py)
+//   pack_int4    <- pack_int4_rows (libernie/quant/packing.py)
 // Storage dtypes: 0 = F32, 1 = F16, 2 = BF16. Matrices are row-major [rows, cols] storage. No threads here: the
 // caller runs blocks of rows on its own worker threads (ctypes releases the GIL during each call).
 // Built without -ffast-math and with -ffp-contract=off: every float operation is the one numpy does
@@ -148,6 +149,16 @@ void fp8_encode(const void* src, int dt, int64_t n_all, float scale, uint8_t* co
     }
     sums[0] += err;
     sums[1] += ref;
+}
+
+// int4 values q [rows, cols] (rows even) -> [rows / 2, cols]: row 2k in the low nibble, row 2k + 1 in the high one.
+void pack_int4(const int8_t* q, int64_t rows, int64_t cols, int8_t* out) {
+    for (int64_t k = 0; k < rows / 2; ++k) {
+        const int8_t* lo = q + 2 * k * cols;
+        const int8_t* hi = lo + cols;
+        int8_t* o = out + k * cols;
+        for (int64_t j = 0; j < cols; ++j) o[j] = int8_t(uint8_t((uint8_t(lo[j]) & 0x0Fu) | (uint8_t(hi[j]) << 4)));
+    }
 }
 
 }  // extern "C"

@@ -173,3 +173,16 @@ def test_build_lands_in_the_cache_once(monkeypatch, tmp_path):
         assert (built / "ernie_quant_cpu.so").stat().st_mtime_ns == stamp
     finally:
         quant_kernel.load.cache_clear()
+
+
+@needs_lib
+def test_int4_packing_matches_numpy(monkeypatch):
+    from libernie.quant import packing
+    q = np.random.default_rng(3).integers(-8, 8, size=(130, 77)).astype(np.int8)
+    q[0, :16], q[1, :16] = np.arange(-8, 8), np.arange(7, -9, -1)           # every nibble, both halves
+    fast = packing.pack_int4_rows(q)
+    monkeypatch.setattr(quant_kernel, "load", lambda: None)
+    slow = packing.pack_int4_rows(q)
+    np.testing.assert_array_equal(fast, slow)
+    np.testing.assert_array_equal(packing.unpack_int4_rows(fast), q)
+    assert fast[0, 0] == 0x78 and fast[0, 15] == np.int8(-121)              # -8 | 7 << 4; 7 | -8 << 4 = 0x87

@@ -17,7 +17,6 @@ import hashlib
 import logging
 import os
 import shutil
-import subprocess
 
 import numpy as np
 
@@ -69,6 +68,7 @@ def load() -> ctypes.CDLL | None:
 
 
 def _build(cxx: str) -> str:
+    import subprocess                  # only when building: 2 ms of every start-up otherwise
     final = os.path.join(cache_dir(), _tag(cxx))
 
     def build_into(tmp):

@@ -101,3 +101,24 @@ def test_round_to_nearest_never_imports_paddle(assets, base, tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.strip().splitlines()[-1] == "[]"
     assert (tmp_path / "out" / "config.json").exists()
+
+
+def test_mapped_tensors_equal_plain_reads_and_a_truncated_file_is_refused(assets, tmp_path):
+    import shutil
+
+    from libernie.checkpoint.safetensors_io import SafetensorsFile
+    from libernie.checkpoint.stream import read_array
+    from libernie.errors import CheckpointError
+    path = next((assets / "base").glob("*.safetensors"))
+    sf = SafetensorsFile(str(path))
+    names = list(sf.names)
+    for name in names:                      # offsets not page-aligned, every dtype and shape the base holds
+        np.testing.assert_array_equal(stored.map_array(sf, name), read_array(sf, name))
+    copy = tmp_path / path.name
+    shutil.copy(path, copy)
+    sf2 = SafetensorsFile(str(copy))
+    last = max(names, key=lambda n: sf2.span(n)[0])
+    with open(copy, "r+b") as f:            # cut after the header was checked: mapping must not SIGBUS
+        f.truncate(sf2.span(last)[0] + 1)
+    with pytest.raises(CheckpointError, match="truncated"):
+        stored.map_array(sf2, last)

@@ -2,10 +2,15 @@
 compiled kernel (libernie.kernels.quant_kernel) where it is built, else by numpy; both give the same bytes."""
 from __future__ import annotations
 
+import mmap
+import os
+
 import numpy as np
 
 from libernie.checkpoint.names import Rule
-from libernie.checkpoint.stream import widen
+from libernie.checkpoint.safetensors_io import SafetensorsFile
+from libernie.checkpoint.stream import STORAGE, tensor_span, widen
+from libernie.errors import CheckpointError
 from libernie.kernels import quant_kernel
 from libernie.quant import BITS
 from libernie.quant.formats import QuantResult, module_of
@@ -13,6 +18,23 @@ from libernie.quant.fp8 import decode_e4m3, encode_e4m3, tensor_scale
 
 from ernie_quant.blocks import _BLOCK_ELEMS, _NON_FINITE, _map
 from ernie_quant.errors import QuantError
+
+
+def map_array(sf: SafetensorsFile, name: str) -> np.ndarray:
+    """Tensor `name` as a read-only array over the file's pages (MAP_POPULATE: mapped in one go), unmapped when
+    the array is dropped. Against a plain read into a new buffer this saves a copy of every byte and the zeroing
+    of the buffer's fresh pages; resident memory is the same one tensor while it is in use."""
+    offset, length = tensor_span(sf, name)
+    dtype, shape = np.dtype(STORAGE[sf.dtype(name)]), sf.shape(name)
+    if length == 0:
+        return np.zeros(shape, dtype)
+    start = offset - offset % mmap.ALLOCATIONGRANULARITY
+    with open(sf.path, "rb") as f:
+        if os.fstat(f.fileno()).st_size < offset + length:     # mapped bytes past the end would kill the process
+            raise CheckpointError(f"{sf.path}: truncated at tensor {name}; re-copy the file")
+        mm = mmap.mmap(f.fileno(), offset + length - start, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0),
+                       prot=mmap.PROT_READ, offset=start)
+    return np.frombuffer(mm, dtype, int(np.prod(shape, dtype=np.int64)), offset - start).reshape(shape)
 
 
 # |x| as the storage's own bits: sign bit cleared; non-negative IEEE floats order like their bits, and every

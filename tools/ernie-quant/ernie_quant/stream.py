@@ -21,7 +21,7 @@ from libernie.quant.fp8 import decode_e4m3, encode_e4m3, tensor_scale
 
 from ernie_quant.blocks import _BLOCK_ELEMS, _NON_FINITE, _map, reuse_freed_memory
 from ernie_quant.errors import QuantError
-from ernie_quant.stored import quantize_stored
+from ernie_quant.stored import map_array, quantize_stored
 
 
 @dataclass
@@ -108,10 +108,10 @@ class Source:
         return n_out, n_in, rows
 
     def stored(self, rule: Rule) -> tuple[np.ndarray, str]:
-        """(storage array [in, out], safetensors dtype) of a Linear rule of a Paddle-layout base, read once
-        with plain reads (bf16 as uint16): what quantize_stored takes."""
+        """(storage array [in, out], safetensors dtype) of a Linear rule of a Paddle-layout base, mapped
+        read-only from the file (bf16 as uint16; stored.map_array): what quantize_stored takes."""
         (name,) = self.names(rule)
-        return read_array(self.files[name], name), self.files[name].dtype(name)
+        return map_array(self.files[name], name), self.files[name].dtype(name)
 
     def read_paddle_f32(self, rule: Rule) -> np.ndarray:
         """Any rule's tensor in Paddle orientation, float32, read with plain reads (no memory map, so nothing

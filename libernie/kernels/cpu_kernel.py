@@ -10,7 +10,6 @@ access) `load()` returns None after one warning line and attention runs the Padd
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import functools
 import hashlib
 import logging
@@ -19,6 +18,8 @@ import shutil
 import sys
 import tempfile
 import warnings
+
+from libernie.kernels.build import build_once, cache_dir, cpu_model
 
 NAME = "ernie_flash_attention_cpu"
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "flash_attention_cpu.cc")
@@ -29,35 +30,16 @@ LDFLAGS = ["-fopenmp"]
 log = logging.getLogger("libernie.kernels")
 
 
-def cache_dir() -> str:
-    root = os.environ.get("ERNIE_KERNEL_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "ernie-tools", "kernels")
-    return root
-
-
 def _tag() -> str:
     import paddle
     h = hashlib.sha256()
     for name in sorted(os.listdir(os.path.dirname(SOURCE))):    # the op and the kernel header it includes
+        if not name.startswith("flash_attention_cpu."):          # other kernels' sources share csrc/
+            continue
         with open(os.path.join(os.path.dirname(SOURCE), name), "rb") as f:
             h.update(name.encode() + f.read())
-    h.update(" ".join([paddle.__version__, *CFLAGS, *LDFLAGS, os.uname().machine, _cpu_model()]).encode())
+    h.update(" ".join([paddle.__version__, *CFLAGS, *LDFLAGS, os.uname().machine, cpu_model()]).encode())
     return h.hexdigest()[:16]
-
-
-def _cpu_model() -> str:
-    """The CPU's model name and feature flags: -march=native code must not reach a CPU with fewer features
-    (a home directory shared across machines shares this cache)."""
-    seen = {}
-    with contextlib.suppress(OSError):
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                key = line.split(":")[0].strip()
-                if key in ("model name", "flags") and key not in seen:
-                    seen[key] = line
-                if len(seen) == 2:
-                    break
-    return "".join(seen.values())
 
 
 @functools.lru_cache(maxsize=None)
@@ -88,32 +70,22 @@ def _build():
     global _OP
     if _OP is not None:
         return _OP
-    root = cache_dir()
-    final = os.path.join(root, _tag())
+    final = os.path.join(cache_dir(), _tag())
     lib = os.path.join(final, NAME)
-    os.makedirs(root, exist_ok=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")   # Paddle's "No ccache found": we build one file, once
         from paddle.utils.cpp_extension import load as cpp_load
         from paddle.utils.cpp_extension.extension_utils import _import_module_from_library
-        module = None
-        if not os.path.exists(os.path.join(lib, NAME + ".so")):
-            with open(final + ".lock", "w") as lock:
-                fcntl.flock(lock, fcntl.LOCK_EX)
-                if not os.path.exists(os.path.join(lib, NAME + ".so")):
-                    tmp = f"{final}.build-{os.getpid()}"
-                    shutil.rmtree(tmp, ignore_errors=True)
-                    os.makedirs(tmp)
-                    with _quiet() as out:
-                        try:   # builds and registers the op in this process (renaming keeps the mapping valid)
-                            module = cpp_load(name=NAME, sources=[SOURCE], extra_cxx_cflags=CFLAGS,
-                                              extra_ldflags=LDFLAGS, build_directory=tmp, verbose=False)
-                        except Exception as e:  # the compiler's messages are in `out`; keep the first error
-                            shutil.rmtree(tmp, ignore_errors=True)
-                            errors = [ln for ln in out.read().splitlines() if "error" in ln.lower()]
-                            raise RuntimeError(errors[0] if errors else str(e)) from e
-                    shutil.rmtree(final, ignore_errors=True)
-                    os.rename(tmp, final)
+
+        def build_into(tmp):
+            with _quiet() as out:
+                try:   # builds and registers the op in this process (renaming keeps the mapping valid)
+                    return cpp_load(name=NAME, sources=[SOURCE], extra_cxx_cflags=CFLAGS,
+                                    extra_ldflags=LDFLAGS, build_directory=tmp, verbose=False)
+                except Exception as e:  # the compiler's messages are in `out`; keep the first error
+                    errors = [ln for ln in out.read().splitlines() if "error" in ln.lower()]
+                    raise RuntimeError(errors[0] if errors else str(e)) from e
+        module = build_once(final, os.path.join(NAME, NAME + ".so"), build_into)
         if module is None:  # built before: register it directly (load() re-runs a setup.py check, ~1 s)
             with _quiet():
                 module = _import_module_from_library(NAME, lib, False)

@@ -10,12 +10,16 @@ from __future__ import annotations
 import numpy as np
 
 from libernie.errors import CheckpointError
+from libernie.kernels import quant_kernel
 
 
 def pack_int4_rows(q: np.ndarray) -> np.ndarray:
     """q [in, out] int8 in [-8, 7] (Paddle orientation) -> [in/2, out] int8, rows 2k / 2k+1 in low / high nibble."""
     if q.shape[0] % 2:
         raise ValueError(f"int4 packing needs an even input width, got {q.shape[0]}")
+    lib = quant_kernel.load()                           # the compiled twin where built (same bytes)
+    if lib is not None and q.ndim == 2 and q.dtype == np.int8 and q.flags.c_contiguous:
+        return quant_kernel.pack_int4(lib, q)
     lo = q[0::2].astype(np.uint8) & 0x0F
     hi = q[1::2].astype(np.uint8) & 0x0F
     return (lo | (hi << 4)).view(np.int8)

@@ -9,11 +9,24 @@ from libernie.checkpoint.stream import widen
 from libernie.config import ernie_tiny
 from libernie.quant.gptq import rtn_quantize_reference
 
-from ernie_quant import stream
+from libernie.kernels import quant_kernel
+
+from ernie_quant import stored, stream
 from ernie_quant.errors import QuantError
 from ernie_quant.stream import Job, quantize_rule, quantize_stored
 
 RULE = next(r for r in rules(ernie_tiny(vocab_size=2048)) if r.paddle.endswith("mlp.down_proj.weight"))
+
+
+@pytest.fixture(params=["kernel", "numpy"])
+def path(request, monkeypatch):
+    """quantize_stored by the compiled kernel (many blocks) and by numpy: both must give the rule's bytes."""
+    if request.param == "numpy":
+        monkeypatch.setattr(quant_kernel, "load", lambda: None)
+    elif quant_kernel.load() is None:
+        pytest.skip("the quantization kernel is not built here (no compiler or ERNIE_QUANT_KERNEL=0)")
+    monkeypatch.setattr(stored, "_KERNEL_BLOCK", 3000)                # many blocks, a ragged last one
+    return request.param
 
 
 def _store(n_in, n_out, seed, dtype):
@@ -31,10 +44,10 @@ def _store(n_in, n_out, seed, dtype):
 @pytest.mark.parametrize("method,group_size", [("wint8", -1), ("wint4", -1), ("wint4", 32), ("wint8", 64),
                                                ("fp8", -1)])
 @pytest.mark.parametrize("storage", ["BF16", "F16", "F32"])
-def test_stored_orientation_gives_the_same_bytes(monkeypatch, method, group_size, threads, storage):
+def test_stored_orientation_gives_the_same_bytes(monkeypatch, method, group_size, threads, storage, path):
     monkeypatch.setenv("OMP_NUM_THREADS", threads)
-    monkeypatch.setattr(stream, "_BLOCK_ELEMS", 3000)                 # many blocks, a ragged last one
-    monkeypatch.setattr(stream, "_BITS_BLOCK", 5000)                  # the bits pass too
+    monkeypatch.setattr(stored, "_BLOCK_ELEMS", 3000)                 # many blocks, a ragged last one
+    monkeypatch.setattr(stored, "_BITS_BLOCK", 5000)                  # the bits pass too
     n_in, n_out = 448, 136
     store, dt = _store(n_in, n_out, len(method) + group_size, storage)
     job = Job(method, "fastdeploy", group_size, {RULE.paddle}, act_amax={"x": 1.0})
@@ -53,7 +66,7 @@ def test_stored_orientation_gives_the_same_bytes(monkeypatch, method, group_size
 @pytest.mark.parametrize("method,group_size", [("wint8", -1), ("wint4", 16), ("fp8", -1)])
 @pytest.mark.parametrize("storage", ["BF16", "F16", "F32"])
 @pytest.mark.parametrize("bad", [np.inf, -np.inf, np.nan])
-def test_stored_orientation_refuses_non_finite_weights(method, group_size, storage, bad):
+def test_stored_orientation_refuses_non_finite_weights(method, group_size, storage, bad, path):
     # the column maxima are taken on the storage bits (sign cleared): every NaN and inf pattern is above
     # every finite one, so that pass is also the finiteness check
     store, dt = _store(64, 32, 0, storage)
@@ -88,3 +101,24 @@ def test_round_to_nearest_never_imports_paddle(assets, base, tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.strip().splitlines()[-1] == "[]"
     assert (tmp_path / "out" / "config.json").exists()
+
+
+def test_mapped_tensors_equal_plain_reads_and_a_truncated_file_is_refused(assets, tmp_path):
+    import shutil
+
+    from libernie.checkpoint.safetensors_io import SafetensorsFile
+    from libernie.checkpoint.stream import read_array
+    from libernie.errors import CheckpointError
+    path = next((assets / "base").glob("*.safetensors"))
+    sf = SafetensorsFile(str(path))
+    names = list(sf.names)
+    for name in names:                      # offsets not page-aligned, every dtype and shape the base holds
+        np.testing.assert_array_equal(stored.map_array(sf, name), read_array(sf, name))
+    copy = tmp_path / path.name
+    shutil.copy(path, copy)
+    sf2 = SafetensorsFile(str(copy))
+    last = max(names, key=lambda n: sf2.span(n)[0])
+    with open(copy, "r+b") as f:            # cut after the header was checked: mapping must not SIGBUS
+        f.truncate(sf2.span(last)[0] + 1)
+    with pytest.raises(CheckpointError, match="truncated"):
+        stored.map_array(sf2, last)

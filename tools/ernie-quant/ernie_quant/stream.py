@@ -4,7 +4,6 @@ front (libernie.checkpoint.stream), so peak memory is about one tensor group wha
 from __future__ import annotations
 
 import dataclasses
-import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -20,7 +19,9 @@ from libernie.quant import BITS
 from libernie.quant.formats import EMBEDDING, QUANT_MARKERS, QuantResult, module_of, planned, rule_group, tensors_for
 from libernie.quant.fp8 import decode_e4m3, encode_e4m3, tensor_scale
 
+from ernie_quant.blocks import _BLOCK_ELEMS, _NON_FINITE, _map, reuse_freed_memory
 from ernie_quant.errors import QuantError
+from ernie_quant.stored import map_array, quantize_stored
 
 
 @dataclass
@@ -107,10 +108,10 @@ class Source:
         return n_out, n_in, rows
 
     def stored(self, rule: Rule) -> tuple[np.ndarray, str]:
-        """(storage array [in, out], safetensors dtype) of a Linear rule of a Paddle-layout base, read once
-        with plain reads (bf16 as uint16): what quantize_stored takes."""
+        """(storage array [in, out], safetensors dtype) of a Linear rule of a Paddle-layout base, mapped
+        read-only from the file (bf16 as uint16; stored.map_array): what quantize_stored takes."""
         (name,) = self.names(rule)
-        return read_array(self.files[name], name), self.files[name].dtype(name)
+        return map_array(self.files[name], name), self.files[name].dtype(name)
 
     def read_paddle_f32(self, rule: Rule) -> np.ndarray:
         """Any rule's tensor in Paddle orientation, float32, read with plain reads (no memory map, so nothing
@@ -152,38 +153,6 @@ def plan(src: Source, job: Job) -> list[Entry]:
             else float_outputs(src, r, job.layout)
         entries += [Entry(n, dt, tuple(s)) for n, dt, s in outs]
     return entries
-
-
-_BLOCK_ELEMS = 1 << 16  # rows per block so that one block and its float32 temporaries stay in L2
-
-
-def _threads() -> int:
-    """Worker threads for the row blocks: OMP_NUM_THREADS (libernie sets it to the core count), at most 8."""
-    try:
-        return max(1, min(8, int(os.environ.get("OMP_NUM_THREADS", "") or os.cpu_count() or 1)))
-    except ValueError:
-        return 1
-
-
-_POOL: ThreadPoolExecutor | None = None
-
-
-def _map(fn, items: list) -> list:
-    """[fn(x) for x in items] on a small thread pool (numpy drops the GIL inside each block's array passes).
-    Each task takes a run of consecutive items (about four tasks per thread): one hand-off per cache-sized
-    block cost more than the block itself on a busy machine (8,000 futures for a 0.7 GB model)."""
-    global _POOL
-    n = _threads()
-    if n == 1 or len(items) < 2:
-        return [fn(x) for x in items]
-    if _POOL is None:
-        _POOL = ThreadPoolExecutor(max_workers=n, thread_name_prefix="ernie-quant")
-    k = max(1, len(items) // (4 * n))
-    runs = [items[i:i + k] for i in range(0, len(items), k)]
-    return [r for part in _POOL.map(lambda run: [fn(x) for x in run], runs) for r in part]
-
-
-_NON_FINITE = "non-finite weights (NaN or inf); the checkpoint is corrupt or its training diverged"
 
 
 def _finite(rows):
@@ -260,109 +229,6 @@ def quantize_rule(n_out: int, n_in: int, rows, job: Job, rule: Rule) -> tuple[Qu
     return res, (err2 / ref2) ** 0.5 if ref2 > 0 else 0.0
 
 
-# |x| as the storage's own bits: sign bit cleared; non-negative IEEE floats order like their bits, and every
-# NaN or inf has bits >= the infinity's. So one integer max per column gives both amax and the finiteness check.
-_ABS_BITS = {"BF16": (np.uint16, 0x7FFF, 0x7F80), "F16": (np.uint16, 0x7FFF, 0x7C00),
-             "F32": (np.uint32, 0x7FFFFFFF, 0x7F800000)}
-
-
-def _bits_to_f32(m: np.ndarray, dtype: str) -> np.ndarray:
-    if dtype == "BF16":
-        return (m.astype(np.uint32) << 16).view(np.float32)
-    return m.view(np.float16).astype(np.float32) if dtype == "F16" else m.view(np.float32).copy()
-
-
-def _abs_bits(store: np.ndarray, dtype: str) -> np.ndarray:
-    """|storage| as unsigned bits (same shape, a new array). Source.check admits only F32, F16 and BF16."""
-    kind, mask, _ = _ABS_BITS[dtype]
-    return store.view(kind) & kind(mask)
-
-
-def _amax_bits_to_f32(m: np.ndarray, dtype: str) -> np.ndarray:
-    """Maxima of _abs_bits -> float32 amax (exact); QuantError if any is NaN or inf."""
-    if m.size and int(m.max()) >= _ABS_BITS[dtype][2]:
-        raise QuantError(_NON_FINITE)
-    return _bits_to_f32(m, dtype)
-
-
-_BITS_BLOCK = 1 << 20  # elements per block of the bits pass: two cheap integer passes, so big blocks on one
-                       # thread (pool hand-offs per 64K-element block cost more than the pass itself)
-
-
-def _col_amax(store: np.ndarray, dtype: str) -> np.ndarray:
-    """max |w| of each column of storage [in, out] as float32 [out] (exact), from the bits, without widening;
-    QuantError if any element is NaN or inf."""
-    n_in, n_out = store.shape
-    step = max(1, _BITS_BLOCK // max(n_out, 1))
-    m = _abs_bits(store[:step], dtype).max(axis=0)
-    for i in range(step, n_in, step):
-        np.maximum(m, _abs_bits(store[i:i + step], dtype).max(axis=0), out=m)
-    return _amax_bits_to_f32(m, dtype)
-
-
-def quantize_stored(store: np.ndarray, dtype: str, job: Job, rule: Rule) -> tuple[QuantResult, float]:
-    """quantize_rule for a Paddle-layout base written as fastdeploy: the weight as its storage [in, out]
-    (safetensors `dtype`; bf16 as uint16), quantized in that orientation in blocks of contiguous rows straight
-    into QuantResult.qt (no strided reads, no transposes). Every element meets the same float32 operations with
-    the same scale as in quantize_rule, so the bytes are the same.
-    Per-channel RTN and fp8 take the column maxima first, from the storage bits (no widening; that pass also
-    finds NaN/inf), then one widening pass that rounds and measures the error. Groups of g input rows are whole
-    inside a block, so grouped RTN takes one pass."""
-    from libernie.quant.gptq import group_scale, round_to_grid
-    n_in, n_out = store.shape
-    if job.method == "fp8":
-        step = max(1, _BLOCK_ELEMS // n_out)
-    else:
-        g = n_in if job.group_size == -1 else job.group_size
-        step = g * max(1, _BLOCK_ELEMS // (n_out * g)) if g < n_in else max(1, _BLOCK_ELEMS // n_out)
-    blocks = [(i, min(i + step, n_in)) for i in range(0, n_in, step)]
-    rows = lambda i0, i1: widen(store[i0:i1], dtype)                            # noqa: E731
-
-    if job.method == "fp8":
-        scale = tensor_scale(float(_col_amax(store, dtype).max(initial=0)))
-        codes = np.empty((n_in, n_out), np.uint8)
-
-        def fp8_block(b):
-            blk = rows(*b)
-            c = codes[b[0]:b[1]]
-            c[...] = encode_e4m3(blk / scale, finite=True)
-            d = decode_e4m3(c)
-            d *= scale
-            d -= blk
-            return float(np.vdot(d, d)), float(np.vdot(blk, blk))
-        sums = _map(fp8_block, blocks)
-        act = tensor_scale((job.act_amax or {}).get(module_of(rule), 0.0))
-        res = QuantResult("fp8", None, np.array([scale], np.float32), np.array([act], np.float32), qt=codes)
-    else:
-        bits = BITS[job.method]
-        qt, scale_t = np.empty((n_in, n_out), np.int8), np.empty((n_in // g, n_out), np.float32)
-        per_channel = g == n_in
-        if per_channel:                                                         # pass 1, on the bits
-            scale_t[0] = group_scale(_col_amax(store, dtype), bits)
-
-        def int_block(b):
-            i0, i1 = b
-            if per_channel:
-                sb = scale_t[0][None]                                           # [1, out]
-            else:                                                               # group maxima from the bits
-                m = _abs_bits(store[i0:i1], dtype).reshape(-1, g, n_out).max(axis=1)
-                sb = group_scale(_amax_bits_to_f32(m, dtype), bits)             # [k, out]
-                scale_t[i0 // g:i1 // g] = sb
-            blk = rows(i0, i1)
-            bg = blk.reshape(-1, i1 - i0 if per_channel else g, n_out)         # [k, g', out]
-            # scales are amax / qmax of these very values: |w / scale| < qmax + 1/2, so the clip cannot bind
-            r = round_to_grid(bg, sb[:, None, :], bits, clip=False)             # [k, g', out] exact integers
-            np.copyto(qt[i0:i1], r.reshape(i1 - i0, n_out), casting="unsafe")
-            r *= sb[:, None, :]
-            d = r.reshape(i1 - i0, n_out)
-            d -= blk
-            return float(np.vdot(d, d)), float(np.vdot(blk, blk))
-        sums = _map(int_block, blocks)
-        res = QuantResult(job.method, None, np.ascontiguousarray(scale_t.T), None, job.group_size, qt=qt)
-    err2, ref2 = sum(e for e, _ in sums), sum(r for _, r in sums)
-    return res, (err2 / ref2) ** 0.5 if ref2 > 0 else 0.0
-
-
 def write(src: Source, job: Job, tmp: str, max_bytes: int, meta: dict, progress=None) -> tuple[dict, dict, int]:
     """Every tensor of `src` into `tmp` as `job` says. Returns (index, {Paddle name: relative error}, bytes read).
 
@@ -371,48 +237,55 @@ def write(src: Source, job: Job, tmp: str, max_bytes: int, meta: dict, progress=
     """
     entries = plan(src, job)
     writer = StreamingWriter(tmp, entries, max_bytes, meta)
-    errors, done = {}, 0
+    errors = {}
     total = sum(src.nbytes(r) for r in src.ordered_rules())
     disk = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ernie-quant-writer")
-    pending = None
     try:
-        for i, rule in enumerate(src.ordered_rules()):
-            if rule.paddle in job.quantized:
-                try:
-                    j = dataclasses.replace(job, group_size=rule_group(rule, job.group_size))
-                    if src.reader.layout == "paddle" and job.fmt == "fastdeploy" and job.gptq is None \
-                            and rule.paddle != EMBEDDING:
-                        res, errors[rule.paddle] = quantize_stored(*src.stored(rule), j, rule)
-                    else:
-                        res, errors[rule.paddle] = quantize_rule(*src.linear_rows(rule), j, rule)
-                except ErnieError as e:  # e.g. non-finite weights: name the tensor and its file
-                    n = src.names(rule)[0]
-                    raise CheckpointError(f"{src.files[n].path}: {rule.paddle}: {e}") from None
-                ops = [(writer.write, name, np.ascontiguousarray(arr), dt)
-                       for name, arr, dt in tensors_for(rule, res, job.fmt)]
-            elif src.reader.layout == job.layout or rule.kind == "same":
-                outs = float_outputs(src, rule, job.layout)
-                ops = [(writer.copy, name, src.files[srcname], srcname)
-                       for (name, _, _), srcname in zip(outs, src.names(rule))]
-            else:                                               # layout conversion of a float tensor, bits moved
-                arrays = [read_array(src.files[n], n) for n in src.names(rule)]
-                dt = src.files[src.names(rule)[0]].dtype(src.names(rule)[0])
-                w = arrays[0] if src.reader.layout == "paddle" else to_paddle(rule, arrays)
-                produced = [w] if job.layout == "paddle" else to_hf(rule, w)
-                ops = [(writer.write, name, arr, dt)
-                       for arr, (name, _, _) in zip(produced, float_outputs(src, rule, job.layout))]
-            if pending is not None:
-                pending.result()                                # the previous group is on disk (or raises)
-            pending = disk.submit(lambda ops=ops: [f(*args) for f, *args in ops])
-            done += src.nbytes(rule)
-            if progress:
-                progress(done, total, i + 1)
-        if pending is not None:
-            pending.result()
-        index = writer.close()
+        with reuse_freed_memory():
+            index = _write_groups(src, job, writer, disk, errors, total, progress)
     finally:
         disk.shutdown(wait=True)
         writer.release()
     return index, errors, total
+
+
+def _write_groups(src: Source, job: Job, writer: StreamingWriter, disk: ThreadPoolExecutor, errors: dict, total: int,
+                  progress) -> dict:
+    """write()'s loop: each tensor group read, quantized or passed through, handed to the disk thread."""
+    pending, done = None, 0
+    for i, rule in enumerate(src.ordered_rules()):
+        if rule.paddle in job.quantized:
+            try:
+                j = dataclasses.replace(job, group_size=rule_group(rule, job.group_size))
+                if src.reader.layout == "paddle" and job.fmt == "fastdeploy" and job.gptq is None \
+                        and rule.paddle != EMBEDDING:
+                    res, errors[rule.paddle] = quantize_stored(*src.stored(rule), j, rule)
+                else:
+                    res, errors[rule.paddle] = quantize_rule(*src.linear_rows(rule), j, rule)
+            except ErnieError as e:  # e.g. non-finite weights: name the tensor and its file
+                n = src.names(rule)[0]
+                raise CheckpointError(f"{src.files[n].path}: {rule.paddle}: {e}") from None
+            ops = [(writer.write, name, np.ascontiguousarray(arr), dt)
+                   for name, arr, dt in tensors_for(rule, res, job.fmt)]
+        elif src.reader.layout == job.layout or rule.kind == "same":
+            outs = float_outputs(src, rule, job.layout)
+            ops = [(writer.copy, name, src.files[srcname], srcname)
+                   for (name, _, _), srcname in zip(outs, src.names(rule))]
+        else:                                               # layout conversion of a float tensor, bits moved
+            arrays = [read_array(src.files[n], n) for n in src.names(rule)]
+            dt = src.files[src.names(rule)[0]].dtype(src.names(rule)[0])
+            w = arrays[0] if src.reader.layout == "paddle" else to_paddle(rule, arrays)
+            produced = [w] if job.layout == "paddle" else to_hf(rule, w)
+            ops = [(writer.write, name, arr, dt)
+                   for arr, (name, _, _) in zip(produced, float_outputs(src, rule, job.layout))]
+        if pending is not None:
+            pending.result()                                # the previous group is on disk (or raises)
+        pending = disk.submit(lambda ops=ops: [f(*args) for f, *args in ops])
+        done += src.nbytes(rule)
+        if progress:
+            progress(done, total, i + 1)
+    if pending is not None:
+        pending.result()
+    return writer.close()
 
 

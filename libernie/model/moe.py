@@ -159,8 +159,8 @@ class MoEBlock(nn.Layer):
         if self.shared_experts is not None:
             out = out + self.shared_experts(xf)
         idle = [p for j, n in enumerate(local_counts.tolist()) if not n
-                for p in self.experts[self.dispatcher.first_expert + j].parameters()]
-        if idle and self.training:
+                for p in self.experts[self.dispatcher.first_expert + j].parameters() if not p.stop_gradient]
+        if idle and self.training and paddle.is_grad_enabled():    # frozen experts (LoRA) get no gradient anyway
             # an expert no token chose still gets a (zero) gradient: the optimizer and data-parallel
             # gradient reduction then see the same parameters every step, and a resumed run matches
             out = out + paddle.add_n([p.sum() for p in idle]).astype(out.dtype) * 0.0

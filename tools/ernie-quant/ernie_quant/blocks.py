@@ -39,7 +39,7 @@ def _map(fn, items: list) -> list:
 _NON_FINITE = "non-finite weights (NaN or inf); the checkpoint is corrupt or its training diverged"
 
 
-_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4          # glibc mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -3, -4   # glibc mallopt parameters (malloc.h)
 
 
 @contextlib.contextmanager
@@ -47,7 +47,9 @@ def reuse_freed_memory():
     """For the streaming pass (glibc only): big arrays come from the heap and freed pages stay mapped, so each
     tensor's read buffer and outputs reuse the last tensor's pages instead of faulting in fresh ones the kernel
     must zero (that zeroing was half the pass's time at 4 GB). Peak RSS is unchanged: the same two tensor groups
-    at most. glibc's defaults come back afterwards, and the freed memory goes back to the system."""
+    at most. Afterwards the freed memory goes back to the system. glibc cannot switch its dynamic mmap threshold
+    back on once mallopt has been called, so the settings left behind are the ones that threshold reaches as soon
+    as a large array is freed (mmap from 32 MiB, trim above 64 MiB): what --eval's model forwards run under."""
     libc = None
     with contextlib.suppress(OSError, AttributeError, ValueError):
         if os.confstr("CS_GNU_LIBC_VERSION"):
@@ -62,5 +64,6 @@ def reuse_freed_memory():
         yield
     finally:
         libc.mallopt(_M_MMAP_MAX, 65536)
-        libc.mallopt(_M_TRIM_THRESHOLD, 128 * 1024)
+        libc.mallopt(_M_MMAP_THRESHOLD, 32 << 20)
+        libc.mallopt(_M_TRIM_THRESHOLD, 64 << 20)
         libc.malloc_trim(0)

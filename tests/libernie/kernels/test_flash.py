@@ -1,7 +1,6 @@
 """The linear-memory kernels (C++ "cpu" and its Paddle twin "blocked") against the dense reference: values and
 gradients under every mask the model builds, the column form of the mask against the dense one, tile skipping,
 and the fallback where the C++ kernel cannot be built."""
-import logging
 import os
 import shutil
 
@@ -12,6 +11,8 @@ import pytest
 from libernie.kernels import cpu_kernel
 from libernie.kernels.attention import (ROLE_CHOSEN, ROLE_REJECTED, attention, attention_backend,
                                         build_attention_mask)
+
+from kernel_testlib import load_uncached
 
 KERNELS = ("cpu", "blocked")
 
@@ -168,16 +169,11 @@ def test_cpu_kernel_builds_where_a_compiler_exists():
 def test_no_compiler_falls_back_to_the_paddle_kernel_with_one_warning(monkeypatch, caplog):
     monkeypatch.delenv("ERNIE_CPU_KERNEL", raising=False)
     monkeypatch.setattr(cpu_kernel.shutil, "which", lambda name: None)
-    cpu_kernel.load.cache_clear()
-    try:
-        with caplog.at_level(logging.WARNING, logger="libernie.kernels"):
-            assert cpu_kernel.load() is None
-            assert attention_backend(paddle.zeros([1, 2, 2, 8]), None) == "blocked"
-            assert cpu_kernel.load() is None                       # cached: warned once
-    finally:
-        cpu_kernel.load.cache_clear()
-    lines = [r.getMessage() for r in caplog.records if r.name == "libernie.kernels"]
-    assert len(lines) == 1 and "\n" not in lines[0] and "no C++ compiler" in lines[0]
+    def again():
+        assert attention_backend(paddle.zeros([1, 2, 2, 8]), None) == "blocked"
+        assert cpu_kernel.load() is None                           # cached: warned once
+    got, lines = load_uncached(cpu_kernel, caplog, then=again)
+    assert got is None and len(lines) == 1 and "\n" not in lines[0] and "no C++ compiler" in lines[0]
 
 
 def test_a_failed_build_falls_back_with_the_compilers_first_error(monkeypatch, caplog):
@@ -185,14 +181,8 @@ def test_a_failed_build_falls_back_with_the_compilers_first_error(monkeypatch, c
     def broken():
         raise RuntimeError("flash_attention_cpu.cc:1:1: error: something went wrong\nmore lines")
     monkeypatch.setattr(cpu_kernel, "_build", broken)
-    cpu_kernel.load.cache_clear()
-    try:
-        with caplog.at_level(logging.WARNING, logger="libernie.kernels"):
-            assert cpu_kernel.load() is None
-    finally:
-        cpu_kernel.load.cache_clear()
-    (line,) = [r.getMessage() for r in caplog.records if r.name == "libernie.kernels"]
-    assert "error: something went wrong" in line and "more lines" not in line
+    got, (line,) = load_uncached(cpu_kernel, caplog)
+    assert got is None and "error: something went wrong" in line and "more lines" not in line
 
 
 def test_non_fp32_inputs_go_to_the_paddle_twin():

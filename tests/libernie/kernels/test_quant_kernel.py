@@ -2,7 +2,6 @@
 rounding rule (rtn_quantize_reference), the numpy e4m3 encoder (itself tested against Paddle's cast), numpy's
 own maxima; on random values, k + 1/2 ties and values within an ulp of them, zeros, subnormals and values out of
 range; then the fallback where it cannot be built."""
-import logging
 
 import numpy as np
 import pytest
@@ -11,6 +10,8 @@ from libernie.checkpoint.stream import widen
 from libernie.kernels import quant_kernel
 from libernie.quant.fp8 import DECODE, encode_e4m3
 from libernie.quant.gptq import QMAX, group_scale, rtn_quantize_reference
+
+from kernel_testlib import load_uncached
 
 LIB = quant_kernel.load()
 needs_lib = pytest.mark.skipif(LIB is None, reason="no C++ compiler here (or ERNIE_QUANT_KERNEL=0): numpy runs")
@@ -122,40 +123,22 @@ def test_absmax_bits_orders_nan_and_inf_above_every_finite(dtype):
 def test_no_compiler_means_numpy_with_one_warning(monkeypatch, caplog):
     monkeypatch.delenv("ERNIE_QUANT_KERNEL", raising=False)
     monkeypatch.setattr(quant_kernel, "_compiler", lambda: None)
-    quant_kernel.load.cache_clear()
-    try:
-        with caplog.at_level(logging.WARNING, logger="libernie.kernels"):
-            assert quant_kernel.load() is None
-    finally:
-        quant_kernel.load.cache_clear()
-    lines = [r.getMessage() for r in caplog.records]
-    assert len(lines) == 1 and "\n" not in lines[0] and "no C++ compiler" in lines[0]
+    got, lines = load_uncached(quant_kernel, caplog)
+    assert got is None and len(lines) == 1 and "\n" not in lines[0] and "no C++ compiler" in lines[0]
 
 
 def test_failed_build_means_numpy_with_one_warning_and_leaves_nothing(monkeypatch, caplog, tmp_path):
     monkeypatch.delenv("ERNIE_QUANT_KERNEL", raising=False)
     monkeypatch.setenv("ERNIE_KERNEL_CACHE", str(tmp_path))
     monkeypatch.setattr(quant_kernel, "CFLAGS", [*quant_kernel.CFLAGS, "-DERNIE_BROKEN", "-include", "no/such.h"])
-    quant_kernel.load.cache_clear()
-    try:
-        with caplog.at_level(logging.WARNING, logger="libernie.kernels"):
-            assert quant_kernel.load() is None
-    finally:
-        quant_kernel.load.cache_clear()
-    lines = [r.getMessage() for r in caplog.records]
-    assert len(lines) == 1 and "could not build the C++ quantization kernel" in lines[0]
+    got, lines = load_uncached(quant_kernel, caplog)
+    assert got is None and len(lines) == 1 and "could not build the C++ quantization kernel" in lines[0]
     assert [p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")] == []   # no half-built library
 
 
 def test_env_var_forces_numpy_silently(monkeypatch, caplog):
     monkeypatch.setenv("ERNIE_QUANT_KERNEL", "0")
-    quant_kernel.load.cache_clear()
-    try:
-        with caplog.at_level(logging.WARNING, logger="libernie.kernels"):
-            assert quant_kernel.load() is None
-    finally:
-        quant_kernel.load.cache_clear()
-    assert caplog.records == []
+    assert load_uncached(quant_kernel, caplog) == (None, [])
 
 
 @needs_lib
